@@ -1,0 +1,518 @@
+"""``gpu-tasks``: run and inspect a deployment.
+
+Flags override ``GPU_TASKS_*`` settings; ``--json`` prints one JSON document for
+scripts. Errors print one line naming what was wrong and exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
+from types import FrameType
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from gpu_tasks.errors import GpuTasksError
+from gpu_tasks.settings import BACKENDS, Settings, parse_size
+
+F = TypeVar("F", bound=Callable[..., Any])
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _settings(ctx: click.Context) -> Settings:
+    settings: Settings = ctx.find_root().obj
+    return settings
+
+
+def _app(settings: Settings) -> Any:
+    from gpu_tasks.app import app, configure
+
+    configure(settings)
+    return app
+
+
+def _redis(settings: Settings) -> Any:
+    import redis
+
+    return redis.Redis.from_url(settings.require_redis_url())
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def handle_errors(fn: F) -> F:
+    """Turn our errors, and Redis being unreachable, into one clear line and exit 1."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import redis
+
+        try:
+            return fn(*args, **kwargs)
+        except GpuTasksError as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+        except redis.ConnectionError as exc:
+            raise click.ClickException(f"cannot reach Redis: {exc}") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--redis-url", help="Redis URL (default: $GPU_TASKS_REDIS_URL).")
+@click.option("--node", help="This host's name in queue names (default: short host name).")
+@click.pass_context
+def main(ctx: click.Context, redis_url: str | None, node: str | None) -> None:
+    """Entity-sticky GPU work over Celery and Redis."""
+    try:
+        ctx.obj = Settings.from_env().replace(redis_url=redis_url, node=node)
+    except GpuTasksError as exc:
+        raise click.ClickException(str(exc)) from None
+    from gpu_tasks import settings as settings_module
+
+    settings_module.use(ctx.obj)
+
+
+# -- route ------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("entities", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@click.pass_context
+@handle_errors
+def route(ctx: click.Context, entities: tuple[str, ...], as_json: bool) -> None:
+    """Print the shard and GPU queue of each ENTITY."""
+    from gpu_tasks.routing import EntityRouter
+    from gpu_tasks.shardmap import ShardMapCache
+
+    settings = _settings(ctx)
+    router = EntityRouter(ShardMapCache(settings.require_redis_url(), settings.map_refresh_s))
+    routes = [router.route(e) for e in entities]
+    if as_json:
+        _emit_json([r.as_dict() for r in routes])
+        return
+    table = Table("entity", "shard", "queue")
+    for r in routes:
+        table.add_row(r.entity_id, r.shard, r.queue)
+    console.print(table)
+
+
+# -- shards -----------------------------------------------------------------------------
+
+
+@main.group()
+def shards() -> None:
+    """Create and show the shard map."""
+
+
+@shards.command("init")
+@click.option(
+    "--shards",
+    "shard_count",
+    type=click.IntRange(min=1),
+    help="Shard count S (default: $GPU_TASKS_SHARD_COUNT or 1024).",
+)
+@click.option("--gpus", type=click.IntRange(min=1), help="This node's GPUs 0..N-1.")
+@click.option("--queues", help="Comma-separated GPU queues, e.g. gpu.a.0,gpu.b.0.")
+@click.option("--force", is_flag=True, help="Replace an existing map (bumps the epoch).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def shards_init(
+    ctx: click.Context,
+    shard_count: int | None,
+    gpus: int | None,
+    queues: str | None,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Create a balanced shard map over GPU queues."""
+    from gpu_tasks.routing import queue_name
+    from gpu_tasks.shardmap import ShardMap, ShardMapStore
+
+    settings = _settings(ctx).replace(shard_count=shard_count)
+    if (gpus is None) == (queues is None):
+        raise click.UsageError("give exactly one of --gpus N or --queues Q1,Q2,...")
+    targets = (
+        [queue_name(settings.node, i) for i in range(gpus)]
+        if gpus is not None
+        else [q.strip() for q in (queues or "").split(",") if q.strip()]
+    )
+    bad = [q for q in targets if not q.startswith("gpu.") or q.count(".") < 2]
+    if bad:
+        raise click.BadParameter(
+            f"not GPU queues (gpu.<node>.<index>): {', '.join(bad)}", param_hint="--queues"
+        )
+    store = ShardMapStore(_redis(settings))
+    store.create(ShardMap.balanced(targets, settings.shard_count), force=force)
+    _print_map(store.load(), as_json)
+
+
+@shards.command("show")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def shards_show(ctx: click.Context, as_json: bool) -> None:
+    """Print the shard map: shards per GPU queue, epoch (``--json``: every shard)."""
+    from gpu_tasks.shardmap import ShardMapStore
+
+    _print_map(ShardMapStore(_redis(_settings(ctx))).load(), as_json)
+
+
+def _print_map(shard_map: Any, as_json: bool) -> None:
+    if as_json:
+        _emit_json(shard_map.as_dict())
+        return
+    table = Table(
+        "queue", "shards", title=f"{shard_map.shard_count} shards, epoch {shard_map.epoch}"
+    )
+    for queue, count in sorted(shard_map.shards_per_queue().items()):
+        table.add_row(queue, str(count))
+    console.print(table)
+
+
+# -- worker -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--gpu",
+    "gpu_index",
+    type=click.IntRange(min=0),
+    required=True,
+    help="Physical GPU index (as nvidia-smi numbers them).",
+)
+@click.option("--backend", type=click.Choice(BACKENDS), help="Device backend (default auto).")
+@click.option("--import", "imports", multiple=True, help="Module with your @gpu_task tasks.")
+@click.option(
+    "--pool", type=click.Choice(["prefork", "solo"]), default="prefork", show_default=True
+)
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--sim-memory", help="Capacity of a sim GPU, e.g. 512MiB.")
+@click.pass_context
+@handle_errors
+def worker(
+    ctx: click.Context,
+    gpu_index: int,
+    backend: str | None,
+    imports: tuple[str, ...],
+    pool: str,
+    loglevel: str,
+    sim_memory: str | None,
+) -> None:
+    """Run one Celery worker pinned to GPU I, consuming only gpu.<node>.<I>."""
+    from workers.backend import resolve_backend
+    from workers.boot import run_worker
+    from workers.runtime import WorkerIdentity
+
+    settings = _settings(ctx)
+    settings = settings.replace(
+        backend=backend,
+        imports=(*settings.imports, *imports) if imports else None,
+        sim_memory_bytes=parse_size(sim_memory) if sim_memory else None,
+    )
+    identity = WorkerIdentity(settings.node, gpu_index, resolve_backend(settings.backend))
+    settings.require_redis_url()
+    run_worker(identity, settings, loglevel=loglevel, pool=pool)
+
+
+# -- submit -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("task")
+@click.option("--entity", help="entity_id to route by.")
+@click.option("--kwargs", "kwargs_json", default="{}", help="Task keyword arguments as JSON.")
+@click.option("--queue", help="Send to this GPU queue (for gpu_tasks.stats).")
+@click.option("--wait", is_flag=True, help="Wait for the result and print it.")
+@click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def submit(
+    ctx: click.Context,
+    task: str,
+    entity: str | None,
+    kwargs_json: str,
+    queue: str | None,
+    wait: bool,
+    timeout_s: float,
+    as_json: bool,
+) -> None:
+    """Send TASK (e.g. alloc or gpu_tasks.alloc) with Celery's send_task."""
+    try:
+        kwargs = json.loads(kwargs_json)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--kwargs") from None
+    if not isinstance(kwargs, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--kwargs")
+    if entity is not None:
+        kwargs["entity_id"] = entity
+    name = task if "." in task else f"gpu_tasks.{task}"
+    app = _app(_settings(ctx))
+    options = {"queue": queue} if queue else {}
+    result = app.send_task(name, kwargs=kwargs, **options)
+    out: dict[str, Any] = {"task_id": result.id, "task": name}
+    if wait:
+        try:
+            out["result"] = result.get(timeout=timeout_s)
+        except Exception as exc:
+            out["error"] = {"type": type(exc).__name__, "message": str(exc)}
+    if as_json:
+        _emit_json(out)
+    else:
+        console.print_json(data=out)
+    if "error" in out:
+        sys.exit(1)
+
+
+# -- status -----------------------------------------------------------------------------
+
+
+def fleet_status(settings: Settings) -> list[dict[str, Any]]:
+    """Each registered GPU with liveness, queue depth and shard count."""
+    from gpu_tasks.errors import ShardMapError
+    from gpu_tasks.fleet import FleetRegistry, queue_depth
+    from gpu_tasks.shardmap import ShardMapStore
+
+    client = _redis(settings)
+    try:
+        per_queue = ShardMapStore(client).load().shards_per_queue()
+    except ShardMapError:
+        per_queue = {}
+    now = time.time()
+    rows = []
+    for record in FleetRegistry(client).all():
+        rows.append(
+            {
+                **record.as_dict(now),
+                "queue_depth": queue_depth(client, record.queue),
+                "shards": per_queue.get(record.queue, 0),
+            }
+        )
+    return rows
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Each GPU: alive, heartbeat age, queue depth, memory used/total, entities."""
+    rows = fleet_status(_settings(ctx))
+    if as_json:
+        _emit_json(rows)
+        return
+    table = Table(
+        "queue",
+        "worker",
+        "alive",
+        "heartbeat",
+        "depth",
+        "shards",
+        "memory",
+        "entities",
+        "gen",
+        "device",
+    )
+    for r in rows:
+        table.add_row(
+            r["queue"],
+            r["worker"],
+            "[green]yes[/]" if r["alive"] else "[red]no[/]",
+            f"{r['heartbeat_age_s']:.1f}s ago",
+            str(r["queue_depth"]),
+            str(r["shards"]),
+            f"{_mib(r['used_bytes'])} / {_mib(r['total_bytes'])}",
+            str(r["entities"]),
+            str(r["generation"]),
+            f"{r['device_name']} ({r['device_uuid']})",
+        )
+    console.print(table if rows else "no GPU workers registered")
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+# -- demo -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--entities", "entity_count", type=click.IntRange(min=1), default=50, show_default=True
+)
+@click.option("--timeout", "timeout_s", type=float, default=120.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def demo(ctx: click.Context, entity_count: int, timeout_s: float, as_json: bool) -> None:
+    """Send a demo workload and print entity -> shard -> GPU with the results."""
+    from gpu_tasks import demo as workload
+
+    _app(_settings(ctx))
+    ids = workload.entity_ids(entity_count)
+    quiet = as_json or not console.is_terminal
+    pending = []
+    with Progress(console=console, disable=quiet, transient=True) as progress:
+        sending = progress.add_task("sending", total=len(ids))
+        for seed, eid in enumerate(ids):
+            pending.append((eid, seed, workload.submit(eid, seed)))
+            progress.advance(sending)
+        collecting = progress.add_task("collecting", total=len(ids))
+        reports = []
+        for eid, seed, results in pending:
+            reports.append(workload.collect(eid, seed, results, timeout_s))
+            progress.advance(collecting)
+    requests = len(ids) * len(workload.STEPS)
+    queues = {q for r in reports for q in r.queues}
+    ok = all(r.ok for r in reports)
+    if as_json:
+        _emit_json(
+            {
+                "requests": requests,
+                "entities": len(ids),
+                "gpus": sorted(queues),
+                "ok": ok,
+                "results": [r.as_dict() for r in reports],
+            }
+        )
+    else:
+        table = Table(
+            "entity",
+            "shard",
+            "GPU queue",
+            "worker",
+            "sum on GPU",
+            "expected",
+            "ok",
+            title=f"{requests} requests over {len(ids)} entities",
+        )
+        for r in reports:
+            row = r.as_dict()
+            table.add_row(
+                r.entity_id,
+                r.shard,
+                str(row["queue"]),
+                str(row["worker"]),
+                str(r.gpu_sum),
+                str(r.expected_sum),
+                "[green]ok[/]" if r.ok else f"[red]{'; '.join(r.errors) or 'wrong'}[/]",
+            )
+        console.print(table)
+        console.print(
+            f"{requests} requests, {len(ids)} entities, {len(queues)} GPUs: "
+            + (
+                "every entity stayed on one GPU and every result is right"
+                if ok
+                else "[red]FAILED[/]"
+            )
+        )
+    if not ok:
+        sys.exit(1)
+
+
+# -- up ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@main.command()
+@click.option(
+    "--gpus", type=click.IntRange(min=1), help="GPU workers (default: every GPU, or 4 sim GPUs)."
+)
+@click.option("--backend", type=click.Choice(BACKENDS), help="Device backend (default auto).")
+@click.option("--flower/--no-flower", default=True, show_default=True)
+@click.option("--flower-port", type=click.IntRange(1, 65535))
+@click.option(
+    "--entities",
+    "entity_count",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="Entities in the demo workload.",
+)
+@click.option("--once", is_flag=True, help="Exit after the demo (0 if it passed).")
+@click.pass_context
+@handle_errors
+def up(
+    ctx: click.Context,
+    gpus: int | None,
+    backend: str | None,
+    flower: bool,
+    flower_port: int | None,
+    entity_count: int,
+    once: bool,
+) -> None:
+    """Start Redis (unless configured), GPU workers and Flower; run the demo; stay up."""
+    from gpu_tasks.cluster import LocalCluster, gpu_tasks_command
+    from workers.backend import count_gpus, resolve_backend
+
+    settings = _settings(ctx).replace(backend=backend)
+    kind = resolve_backend(settings.backend)
+    if gpus is None:
+        gpus = count_gpus() if kind == "pycuda" else 4
+    cluster = LocalCluster(
+        settings.replace(backend=kind),
+        gpus=gpus,
+        backend=kind,
+        flower=flower,
+        flower_port=flower_port,
+    )
+    with _sigterm_as_interrupt():
+        try:
+            console.print(
+                f"starting {gpus} {kind} GPU worker(s)"
+                + ("" if settings.redis_url else " and an embedded Redis")
+                + " ..."
+            )
+            cluster.start()
+            s = cluster.settings
+            console.print(f"Redis:   {s.redis_url}")
+            console.print(f"Workers: {', '.join(cluster.queues)} (logs in {cluster.log_dir})")
+            if cluster.flower_url:
+                console.print(f"Flower:  {cluster.flower_url}")
+            demo_rc = subprocess.call(
+                gpu_tasks_command("demo", "--entities", str(entity_count)), env=s.child_env()
+            )
+            if once:
+                sys.exit(demo_rc)
+            console.print("up: Ctrl-C or SIGTERM stops everything")
+            while True:
+                for proc in cluster.workers:
+                    if not proc.alive():
+                        raise GpuTasksError(
+                            f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}"
+                        )
+                time.sleep(1)
+        except KeyboardInterrupt:
+            console.print("stopping ...")
+        finally:
+            cluster.stop()
+            console.print("stopped")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Every error gpu-tasks raises, in one shallow tree.
+
+    GpuTasksError
+     +-- ConfigError        bad settings or CLI flags
+     +-- RoutingError       refused at submit time; nothing was enqueued
+     +-- ShardMapError      the shard map is missing, already exists, or is malformed
+     +-- RedisServerError   the embedded redis-server could not be started
+     +-- DeviceError        raised by a GPU worker; travels back through Celery's result
+          +-- BadRequest       a request field is wrong (the field is named)
+          +-- OutOfMemory      the GPU (or the entity's quota) cannot hold the allocation
+          +-- NoSuchBuffer     the entity has no buffer of that name on this GPU
+          +-- StaleHandle      the buffer belonged to an older context generation
+          +-- ContextPoisoned  the request broke the device context; it was rebuilt
+
+Device errors are rebuilt on the producer by Celery's JSON result backend, which
+calls ``cls(*args)``; so every class here keeps all of its state in ``args`` and
+takes only JSON-safe positional arguments.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadRequest",
+    "ConfigError",
+    "ContextPoisoned",
+    "DeviceError",
+    "GpuTasksError",
+    "NoSuchBuffer",
+    "OutOfMemory",
+    "RedisServerError",
+    "RoutingError",
+    "ShardMapError",
+    "StaleHandle",
+]
+
+
+class GpuTasksError(Exception):
+    """Base of every gpu-tasks error; ``str(exc)`` is the human-readable message."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+class ConfigError(GpuTasksError, ValueError):
+    """A setting or flag has a value gpu-tasks cannot use."""
+
+
+class RoutingError(GpuTasksError, ValueError):
+    """A routed task could not be routed; it was refused before anything was enqueued."""
+
+
+class ShardMapError(GpuTasksError):
+    """The shard map in Redis is missing, already present, or malformed."""
+
+
+class RedisServerError(GpuTasksError):
+    """The embedded redis-server could not be found or started."""
+
+
+class DeviceError(GpuTasksError):
+    """Raised inside a GPU worker; the worker keeps serving afterwards."""
+
+
+class BadRequest(DeviceError, ValueError):
+    """A request field is wrong. ``field`` names it."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message, field)
+
+    @property
+    def field(self) -> str | None:
+        return self.args[1] if len(self.args) > 1 else None
+
+
+class OutOfMemory(DeviceError, MemoryError):
+    """The allocation does not fit in the GPU's free memory or in the entity's quota."""
+
+    def __init__(self, message: str, requested_bytes: int = 0, free_bytes: int = 0) -> None:
+        super().__init__(message, requested_bytes, free_bytes)
+
+    @property
+    def requested_bytes(self) -> int:
+        return int(self.args[1]) if len(self.args) > 1 else 0
+
+    @property
+    def free_bytes(self) -> int:
+        return int(self.args[2]) if len(self.args) > 2 else 0
+
+
+class NoSuchBuffer(DeviceError, KeyError):
+    """The entity owns no buffer of that name on this GPU."""
+
+
+class StaleHandle(DeviceError):
+    """The buffer was created in a context generation that no longer exists."""
+
+    def __init__(self, message: str, handle_generation: int = 0, generation: int = 0) -> None:
+        super().__init__(message, handle_generation, generation)
+
+    @property
+    def handle_generation(self) -> int:
+        return int(self.args[1]) if len(self.args) > 1 else 0
+
+    @property
+    def generation(self) -> int:
+        return int(self.args[2]) if len(self.args) > 2 else 0
+
+
+class ContextPoisoned(DeviceError):
+    """The request left the device context unusable; it was rebuilt at a new generation."""
+
+    def __init__(self, message: str, generation: int = 0) -> None:
+        super().__init__(message, generation)
+
+    @property
+    def generation(self) -> int:
+        return int(self.args[1]) if len(self.args) > 1 else 0

@@ -1,0 +1,102 @@
+"""The fleet registry: one record per GPU worker in Redis, kept fresh by heartbeats.
+
+- ``gpu-tasks:fleet``               hash ``gpu.<node>.<i>`` -> JSON record (below)
+- ``gpu-tasks:generation:<queue>``  the GPU's context generation counter
+
+A record holds the worker and device identity (name, UUID or sim id, total
+memory), the latest accounting (used bytes, entities, buffers, generation) and
+``heartbeat_at``. A GPU is alive while its last heartbeat is younger than
+``STALE_AFTER_BEATS`` heartbeat intervals and it has not said it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
+
+FLEET_KEY = "gpu-tasks:fleet"
+GENERATION_KEY = "gpu-tasks:generation:{queue}"
+STALE_AFTER_BEATS = 3
+
+
+@dataclass
+class GpuRecord:
+    """What the registry knows about one GPU worker."""
+
+    queue: str
+    worker: str
+    node: str
+    gpu_index: int
+    backend: str
+    device_name: str
+    device_uuid: str
+    total_bytes: int
+    heartbeat_s: float
+    used_bytes: int = 0
+    entities: int = 0
+    buffers: int = 0
+    generation: int = 0
+    pid: int = 0
+    state: str = "running"
+    """``running``, ``stopped`` (clean shutdown) or ``failed`` (see ``error``)."""
+    error: str = ""
+    started_at: float = field(default_factory=time.time)
+    heartbeat_at: float = field(default_factory=time.time)
+
+    def age_s(self, now: float | None = None) -> float:
+        return max(0.0, (time.time() if now is None else now) - self.heartbeat_at)
+
+    def alive(self, now: float | None = None) -> bool:
+        return self.state == "running" and self.age_s(now) < STALE_AFTER_BEATS * self.heartbeat_s
+
+    def as_dict(self, now: float | None = None) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "alive": self.alive(now),
+            "heartbeat_age_s": round(self.age_s(now), 3),
+        }
+
+
+class FleetRegistry:
+    """Reads and writes GPU records. Writers take an optional pipeline to compose."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    def heartbeat(self, record: GpuRecord, pipeline: redis.client.Pipeline | None = None) -> None:
+        record.heartbeat_at = time.time()
+        (pipeline or self.client).hset(FLEET_KEY, record.queue, json.dumps(asdict(record)))
+
+    def next_generation(self, queue: str) -> int:
+        """A new context generation for ``queue``'s GPU, larger than every earlier one,
+        including those of pool children that died."""
+        return int(self.client.incr(GENERATION_KEY.format(queue=queue)))
+
+    def get(self, queue: str) -> GpuRecord | None:
+        raw = self.client.hget(FLEET_KEY, queue)
+        return None if raw is None else GpuRecord(**json.loads(raw))
+
+    def all(self) -> list[GpuRecord]:
+        """Every GPU ever registered (dead ones too), sorted by queue."""
+        raw = self.client.hgetall(FLEET_KEY)
+        return sorted((GpuRecord(**json.loads(v)) for v in raw.values()), key=lambda r: r.queue)
+
+    def remove(self, queue: str) -> None:
+        self.client.hdel(FLEET_KEY, queue)
+
+
+# kombu's Redis transport keeps a queue's messages in a list named after the queue,
+# and those of priority p > 0 in "<queue>\x06\x16<p>".
+_PRIORITY_STEPS = (0, 3, 6, 9)
+
+
+def queue_depth(client: redis.Redis, queue: str) -> int:
+    """Messages waiting in ``queue`` (not yet delivered to a worker)."""
+    pipe = client.pipeline(transaction=False)
+    for step in _PRIORITY_STEPS:
+        pipe.llen(queue if step == 0 else f"{queue}\x06\x16{step}")
+    return int(sum(pipe.execute()))

@@ -1,0 +1,183 @@
+"""Settings: read once from ``GPU_TASKS_*`` environment variables into a frozen object.
+
+This is the only module that reads the environment. CLI flags override fields
+with :meth:`Settings.replace`; child processes the CLI starts receive the
+effective settings back as environment variables (:meth:`Settings.to_env`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpu_tasks.errors import ConfigError
+
+ENV_PREFIX = "GPU_TASKS_"
+BACKENDS = ("auto", "pycuda", "sim")
+
+
+def _short_hostname() -> str:
+    return socket.gethostname().split(".")[0] or "localhost"
+
+
+def parse_size(text: str) -> int:
+    """Parse a byte size such as ``1073741824``, ``512MiB`` or ``1GiB``."""
+    units = {
+        "": 1,
+        "b": 1,
+        "kib": 1 << 10,
+        "mib": 1 << 20,
+        "gib": 1 << 30,
+        "tib": 1 << 40,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "tb": 10**12,
+    }
+    raw = text.strip().lower().replace(" ", "")
+    number = raw.rstrip("kmgtib")
+    unit = raw[len(number) :]
+    if unit not in units or not number:
+        raise ConfigError(f"cannot read {text!r} as a size (examples: 1073741824, 512MiB, 1GiB)")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise ConfigError(f"cannot read {text!r} as a size") from None
+    if value <= 0:
+        raise ConfigError(f"size {text!r} must be positive")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a producer or worker needs to know, with units in the names."""
+
+    redis_url: str | None = None
+    """Broker, result backend, shard map and fleet registry. None: ``gpu-tasks up``
+    starts an embedded redis-server; other commands refuse."""
+    node: str = field(default_factory=_short_hostname)
+    """This host's name in queue and worker names: ``gpu.<node>.<i>``, ``gpu<i>@<node>``."""
+    shard_count: int = 1024
+    """S for a new shard map; an existing map keeps the S it was created with."""
+    backend: str = "auto"
+    """Device backend for workers: ``pycuda``, ``sim``, or ``auto`` (pycuda if a GPU is seen)."""
+    sim_memory_bytes: int = 1 << 30
+    """Capacity of each simulated GPU."""
+    entity_memory_bytes: int = 0
+    """Most device memory one entity may hold on a GPU; 0 means no quota."""
+    map_refresh_s: float = 1.0
+    """How stale a producer's cached shard map may get before it checks the epoch."""
+    heartbeat_s: float = 2.0
+    """How often a worker writes its fleet-registry heartbeat."""
+    task_time_limit_s: float = 300.0
+    """Hard time limit of one device task; the pool child is replaced past it."""
+    visibility_timeout_s: float = 3600.0
+    """Redis visibility timeout; must exceed the longest task (checked)."""
+    imports: tuple[str, ...] = ()
+    """Extra modules a worker imports, where users' own ``@gpu_task`` tasks live."""
+    data_dir: str = ".gpu-tasks"
+    """Where ``gpu-tasks up`` keeps the embedded Redis data and logs."""
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.shard_count < 1:
+            raise ConfigError(f"shard_count must be at least 1, not {self.shard_count}")
+        if not self.node or any(c in self.node for c in ".@ \t"):
+            raise ConfigError(f"node {self.node!r} must be non-empty without '.', '@' or spaces")
+        if self.visibility_timeout_s <= self.task_time_limit_s:
+            raise ConfigError(
+                f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed "
+                f"task_time_limit_s ({self.task_time_limit_s}), or Redis redelivers running tasks"
+            )
+        for name in ("map_refresh_s", "heartbeat_s", "task_time_limit_s", "sim_memory_bytes"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``GPU_TASKS_<FIELD>`` variables; unset ones keep defaults."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _convert(f.name, raw)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` applied; None values are ignored (unset CLI flags)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as environment variables, for child processes."""
+        env: dict[str, str] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            env[ENV_PREFIX + f.name.upper()] = (
+                ",".join(value) if isinstance(value, tuple) else str(value)
+            )
+        return env
+
+    def child_env(self) -> dict[str, str]:
+        """This process's environment with these settings in it, for a child process."""
+        return {**os.environ, **self.to_env()}
+
+    def require_redis_url(self) -> str:
+        if not self.redis_url:
+            raise ConfigError(
+                "no Redis configured: set GPU_TASKS_REDIS_URL or pass --redis-url "
+                "(or run `gpu-tasks up`, which starts its own)"
+            )
+        return self.redis_url
+
+
+_INT_FIELDS = {"shard_count"}
+_SIZE_FIELDS = {"sim_memory_bytes", "entity_memory_bytes"}
+_FLOAT_FIELDS = {"map_refresh_s", "heartbeat_s", "task_time_limit_s", "visibility_timeout_s"}
+
+
+def _convert(name: str, raw: str) -> Any:
+    var = ENV_PREFIX + name.upper()
+    try:
+        if name in _INT_FIELDS:
+            return int(raw)
+        if name in _FLOAT_FIELDS:
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{var}={raw!r} is not a number") from None
+    if name in _SIZE_FIELDS:
+        if raw.strip() == "0":
+            return 0
+        try:
+            return parse_size(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{var}: {exc}") from None
+    if name == "imports":
+        return tuple(m.strip() for m in raw.split(",") if m.strip())
+    return raw
+
+
+_current: Settings | None = None
+
+
+def current() -> Settings:
+    """The process's settings: read from the environment on first use, then fixed."""
+    global _current
+    if _current is None:
+        _current = Settings.from_env()
+    return _current
+
+
+def use(settings: Settings) -> None:
+    """Make ``settings`` the process's settings (the CLI, after applying its flags)."""
+    global _current
+    _current = settings

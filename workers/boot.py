@@ -1,0 +1,78 @@
+"""Start one Celery worker pinned to one GPU.
+
+Order matters (the dask-cuda rule): the parent sets ``CUDA_VISIBLE_DEVICES``
+before anything can import PyCUDA; the device context is made in the pool child
+after fork (``worker_process_init``) and released in ``worker_process_shutdown``.
+The parent never touches CUDA, so it stays responsive to Flower and remote
+control, enforces hard time limits, and replaces a crashed child.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+from celery import signals
+
+from gpu_tasks.errors import ConfigError
+from gpu_tasks.settings import Settings
+from workers import runtime
+from workers.runtime import DeviceRuntime, WorkerIdentity
+
+log = logging.getLogger(__name__)
+
+
+def pin_to_gpu(gpu_index: int) -> None:
+    """Make physical GPU ``gpu_index`` the only one this process and its children see."""
+    if "pycuda" in sys.modules or "pycuda.driver" in sys.modules:
+        raise ConfigError("PyCUDA was imported before the worker was pinned to its GPU")
+    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # same numbering as nvidia-smi
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_index)
+
+
+def run_worker(
+    identity: WorkerIdentity, settings: Settings, loglevel: str = "INFO", pool: str = "prefork"
+) -> None:
+    """Pin, wire the device lifecycle to the pool child, and run the worker (blocks)."""
+    pin_to_gpu(identity.gpu_index)
+    from gpu_tasks.app import app, configure, redis_client
+
+    configure(settings)
+
+    @signals.worker_process_init.connect(weak=False)
+    def _open_device(**_: Any) -> None:
+        try:
+            rt = DeviceRuntime(identity, settings, redis_client(settings))
+        except Exception as exc:
+            # Keep the child alive so every task answers with the reason, and record it.
+            log.exception("GPU %d failed to start", identity.gpu_index)
+            runtime.install(None, f"{type(exc).__name__}: {exc}")
+            return
+        runtime.install(rt)
+        rt.start_heartbeat()
+
+    @signals.worker_process_shutdown.connect(weak=False)
+    def _close_device(**_: Any) -> None:
+        rt = runtime._runtime
+        if rt is not None:
+            rt.stop()
+            runtime.install(None)
+
+    if pool == "solo":  # no child: the worker process itself holds the device
+        signals.worker_ready.connect(lambda **_: _open_device(), weak=False)
+        signals.worker_shutdown.connect(lambda **_: _close_device(), weak=False)
+
+    app.worker_main(
+        [
+            "worker",
+            f"--queues={identity.queue}",
+            f"--hostname={identity.worker}",
+            f"--pool={pool}",
+            "--concurrency=1",
+            f"--loglevel={loglevel}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )

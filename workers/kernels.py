@@ -1,0 +1,177 @@
+"""The named kernels ``gpu_tasks.run`` can launch, and the checks on their arguments.
+
+Each kernel names its buffer and scalar parameters; :func:`launch` checks them
+(buffers exist, dtypes supported, shapes compatible, scalars finite) and raises
+:class:`BadRequest` naming the first wrong field, before the backend computes.
+The math lives in the backends: CUDA in :mod:`workers.cuda`, numpy in
+:mod:`workers.sim`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpu_tasks.errors import BadRequest
+from workers.backend import Backend, Buffer
+from workers.store import BufferStore, parse_name
+
+ARITHMETIC = ("float32", "float64", "int32", "int64")
+FILLABLE = (*ARITHMETIC, "uint8")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    buffers: tuple[str, ...]
+    """Required buffer-name parameters."""
+    scalars: Mapping[str, float | None] = field(default_factory=dict)
+    """Scalar parameters and their defaults (None: required)."""
+    optional_buffers: tuple[str, ...] = ()
+    body: Callable[[Backend, dict[str, Buffer], dict[str, float]], dict[str, Any]] = lambda *_: {}
+    doc: str = ""
+
+
+def _same_shape(bufs: dict[str, Buffer], first: str, second: str) -> None:
+    a, b = bufs[first], bufs[second]
+    if a.dtype != b.dtype:
+        raise BadRequest(
+            f"{second} is {b.dtype.name} but {first} is {a.dtype.name}; they must match", second
+        )
+    if a.size != b.size:
+        raise BadRequest(f"{second} has {b.size} elements but {first} has {a.size}", second)
+
+
+def _dtype_in(bufs: dict[str, Buffer], param: str, allowed: tuple[str, ...]) -> None:
+    if bufs[param].dtype.name not in allowed:
+        raise BadRequest(
+            f"{param} is {bufs[param].dtype.name}; this kernel takes {', '.join(allowed)}", param
+        )
+
+
+def _fill(be: Backend, b: dict[str, Buffer], s: dict[str, float]) -> dict[str, Any]:
+    _dtype_in(b, "out", FILLABLE)
+    be.fill(b["out"], s["value"])
+    return {"outputs": ["out"]}
+
+
+def _scale(be: Backend, b: dict[str, Buffer], s: dict[str, float]) -> dict[str, Any]:
+    b.setdefault("out", b["x"])
+    _dtype_in(b, "x", ARITHMETIC)
+    _same_shape(b, "x", "out")
+    be.scale(b["x"], s["alpha"], b["out"])
+    return {"outputs": ["out"]}
+
+
+def _axpy(be: Backend, b: dict[str, Buffer], s: dict[str, float]) -> dict[str, Any]:
+    _dtype_in(b, "x", ARITHMETIC)
+    _same_shape(b, "x", "y")
+    be.axpy(s["alpha"], b["x"], b["y"])
+    return {"outputs": ["y"]}
+
+
+def _sum(be: Backend, b: dict[str, Buffer], s: dict[str, float]) -> dict[str, Any]:
+    _dtype_in(b, "x", ARITHMETIC)
+    value = be.sum(b["x"])
+    return {"outputs": [], "value": int(value) if b["x"].dtype.kind == "i" else value}
+
+
+def _sgemm(be: Backend, b: dict[str, Buffer], s: dict[str, float]) -> dict[str, Any]:
+    for param in ("a", "b", "c"):
+        _dtype_in(b, param, ("float32",))
+        if len(b[param].shape) != 2:
+            raise BadRequest(
+                f"{param} must be a 2-D matrix, has shape {list(b[param].shape)}", param
+            )
+    (m, k), (k2, n), (m2, n2) = b["a"].shape, b["b"].shape, b["c"].shape
+    if k2 != k:
+        raise BadRequest(f"b has {k2} rows but a has {k} columns", "b")
+    if (m2, n2) != (m, n):
+        raise BadRequest(f"c has shape [{m2}, {n2}]; a @ b has shape [{m}, {n}]", "c")
+    be.sgemm(b["a"], b["b"], b["c"], s["alpha"], s["beta"])
+    return {"outputs": ["c"]}
+
+
+def _fault(be: Backend, b: dict[str, Buffer], s: dict[str, float]) -> dict[str, Any]:
+    be.fault()
+    return {"outputs": []}
+
+
+KERNELS: dict[str, Kernel] = {
+    k.name: k
+    for k in (
+        Kernel("fill", ("out",), {"value": None}, body=_fill, doc="out[:] = value"),
+        Kernel(
+            "scale",
+            ("x",),
+            {"alpha": None},
+            ("out",),
+            _scale,
+            "out = alpha * x (out defaults to x)",
+        ),
+        Kernel("axpy", ("x", "y"), {"alpha": 1.0}, body=_axpy, doc="y = alpha * x + y"),
+        Kernel("sum", ("x",), body=_sum, doc="value = sum(x)"),
+        Kernel(
+            "sgemm",
+            ("a", "b", "c"),
+            {"alpha": 1.0, "beta": 0.0},
+            body=_sgemm,
+            doc="c = alpha * a @ b + beta * c (float32, row-major)",
+        ),
+        Kernel(
+            "fault",
+            (),
+            body=_fault,
+            doc="break the context like an illegal memory access (tests recovery)",
+        ),
+    )
+}
+
+
+def _scalar(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadRequest(f"{name} must be a finite number, got {value!r}", name)
+    return float(value)
+
+
+def launch(
+    store: BufferStore,
+    entity_id: str,
+    kernel: object,
+    params: Mapping[str, Any],
+    generation: int | None = None,
+) -> dict[str, Any]:
+    """Check ``params`` against the kernel and run it on the entity's buffers."""
+    if not isinstance(kernel, str) or kernel not in KERNELS:
+        raise BadRequest(
+            f"kernel must be one of {', '.join(sorted(KERNELS))}, got {kernel!r}", "kernel"
+        )
+    spec = KERNELS[kernel]
+    known = {*spec.buffers, *spec.optional_buffers, *spec.scalars}
+    for param in params:
+        if param not in known:
+            raise BadRequest(
+                f"kernel {kernel} has no parameter {param!r} "
+                f"(it takes: {', '.join(sorted(known)) or 'none'})",
+                param,
+            )
+    bufs: dict[str, Buffer] = {}
+    for param in (*spec.buffers, *spec.optional_buffers):
+        if param not in params:
+            if param in spec.optional_buffers:
+                continue
+            raise BadRequest(f"kernel {kernel} needs buffer parameter {param!r}", param)
+        bufs[param] = store.get(entity_id, parse_name(params[param], param), generation)
+    scalars: dict[str, float] = {}
+    for param, default in spec.scalars.items():
+        if param in params:
+            scalars[param] = _scalar(param, params[param])
+        elif default is None:
+            raise BadRequest(f"kernel {kernel} needs scalar parameter {param!r}", param)
+        else:
+            scalars[param] = default
+    result = spec.body(store.backend, bufs, scalars)
+    result["outputs"] = [params.get(p, params.get("x")) for p in result["outputs"]]
+    return {"kernel": kernel, **result}

@@ -1,0 +1,300 @@
+"""The GPU runtime of one worker's pool child: the device, its buffers, its heartbeat.
+
+Started by :mod:`workers.boot` in ``worker_process_init`` (after fork, after
+pinning), so the device context belongs to the process that uses it. Every GPU
+task goes through :func:`execute`, which checks the entity id, hands the body
+an :class:`EntityContext`, rebuilds the context if the body poisoned it, and
+wraps the result with where it ran.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gpu_tasks.errors import BadRequest, ContextPoisoned, DeviceError, RoutingError
+from gpu_tasks.fleet import FleetRegistry, GpuRecord
+from gpu_tasks.routing import queue_name, shard_index, shard_name, validate_entity_id, worker_name
+from gpu_tasks.settings import Settings
+from gpu_tasks.shardmap import ShardMapStore
+from workers import kernels
+from workers.backend import Backend, Buffer, DevicePoisoned, create_backend
+from workers.store import BufferStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """Which GPU this worker serves; fixed by ``gpu-tasks worker`` before Celery starts."""
+
+    node: str
+    gpu_index: int
+    backend: str  # resolved: "pycuda" or "sim"
+
+    @property
+    def queue(self) -> str:
+        return queue_name(self.node, self.gpu_index)
+
+    @property
+    def worker(self) -> str:
+        return worker_name(self.node, self.gpu_index)
+
+
+class EntityContext:
+    """What a ``@gpu_task`` body gets: one entity's view of this GPU.
+
+    ``device`` is the backend (``info``, ``mem_info()``; for ``pycuda`` a live
+    context is current in this thread) and ``store`` the GPU's buffer store. A
+    :class:`~workers.backend.Buffer`'s ``allocation`` is a PyCUDA device
+    allocation on real GPUs (wrap it with ``pycuda.gpuarray.GPUArray(buf.shape,
+    buf.dtype, gpudata=buf.allocation)``) and a numpy byte array on ``sim``.
+    """
+
+    def __init__(self, runtime: DeviceRuntime, entity_id: str) -> None:
+        self.entity_id = entity_id
+        self.shard = shard_name(shard_index(entity_id, runtime.shard_count))
+        self.device: Backend = runtime.backend
+        self.store: BufferStore = runtime.store
+        self._runtime = runtime
+
+    @property
+    def generation(self) -> int:
+        return self.store.generation
+
+    def buffer(self, name: str, generation: int | None = None) -> Buffer:
+        return self.store.get(self.entity_id, name, generation)
+
+    def alloc(self, name: str, shape: object, dtype: object = "float32") -> Buffer:
+        return self.store.alloc(self.entity_id, name, shape, dtype)
+
+    def free(self, name: str | None = None) -> list[Buffer]:
+        return self.store.free(self.entity_id, name)
+
+    def names(self) -> list[str]:
+        return self.store.names(self.entity_id)
+
+    def read(self, name: str, generation: int | None = None) -> np.ndarray[Any, Any]:
+        """A host copy of the buffer, with its dtype and shape."""
+        return self.device.download(self.buffer(name, generation))
+
+    def write(
+        self, name: str, data: object, offset: int = 0, generation: int | None = None
+    ) -> Buffer:
+        """Copy ``data`` (array-like, cast to the buffer's dtype) in from element ``offset``."""
+        buf = self.buffer(name, generation)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise BadRequest(f"offset must be a non-negative integer, got {offset!r}", "offset")
+        try:
+            host = np.ascontiguousarray(np.asarray(data).astype(buf.dtype, casting="unsafe"))
+        except (TypeError, ValueError) as exc:
+            raise BadRequest(
+                f"values cannot be converted to {buf.dtype.name}: {exc}", "values"
+            ) from None
+        host = host.reshape(-1)
+        if offset + host.size > buf.size:
+            raise BadRequest(
+                f"writing {host.size} elements at offset {offset} overruns buffer "
+                f"{name!r} of {buf.size} elements",
+                "values",
+            )
+        self.device.upload(buf, host, offset)
+        return buf
+
+    def launch(self, kernel: str, generation: int | None = None, **params: Any) -> dict[str, Any]:
+        """Run a named kernel (see :mod:`workers.kernels`) on this entity's buffers."""
+        return kernels.launch(self.store, self.entity_id, kernel, params, generation)
+
+
+class DeviceRuntime:
+    """The device, buffer store and fleet heartbeat of one pool child."""
+
+    def __init__(self, identity: WorkerIdentity, settings: Settings, client: Any) -> None:
+        self.identity = identity
+        self.settings = settings
+        self.fleet = FleetRegistry(client)
+        self.shard_count = ShardMapStore(client).shard_count()
+        self.backend = create_backend(
+            identity.backend,
+            node=identity.node,
+            gpu_index=identity.gpu_index,
+            sim_memory_bytes=settings.sim_memory_bytes,
+        )
+        self.backend.open()
+        self.store = BufferStore(
+            self.backend, self.fleet.next_generation(identity.queue), settings.entity_memory_bytes
+        )
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+        log.info(
+            "%s: %s %s (%d bytes), generation %d",
+            identity.worker,
+            self.backend.info.backend,
+            self.backend.info.uuid,
+            self.backend.info.total_bytes,
+            self.store.generation,
+        )
+
+    # -- fleet registry ---------------------------------------------------------
+
+    def record(self, state: str = "running", error: str = "") -> GpuRecord:
+        info, totals = self.backend.info, self.store.totals()
+        return GpuRecord(
+            queue=self.identity.queue,
+            worker=self.identity.worker,
+            node=self.identity.node,
+            gpu_index=self.identity.gpu_index,
+            backend=info.backend,
+            device_name=info.name,
+            device_uuid=info.uuid,
+            total_bytes=info.total_bytes,
+            heartbeat_s=self.settings.heartbeat_s,
+            generation=self.store.generation,
+            pid=os.getpid(),
+            state=state,
+            error=error,
+            **totals,
+        )
+
+    def start_heartbeat(self) -> None:
+        self.fleet.heartbeat(self.record())
+        self._beat = threading.Thread(
+            target=self._beat_loop, name="gpu-tasks-heartbeat", daemon=True
+        )
+        self._beat.start()
+
+    def _beat_loop(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_s):
+            try:
+                self.fleet.heartbeat(self.record())
+            except Exception as exc:  # Redis away: keep serving, say so, try again next beat
+                log.warning("heartbeat failed: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.fleet.heartbeat(self.record(state="stopped"))
+        except Exception as exc:
+            log.warning("could not record the stop in the fleet registry: %s", exc)
+        self.backend.close()
+
+    # -- serving ------------------------------------------------------------------
+
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        """Turn a poisoned context into a rebuilt one and a :class:`ContextPoisoned` answer."""
+        try:
+            yield
+        except DevicePoisoned as exc:
+            old = self.store.generation
+            lost = self.rebuild()
+            raise ContextPoisoned(
+                f"the device context failed ({exc}) and was rebuilt: generation {old} -> "
+                f"{self.store.generation}; {lost} buffers on {self.identity.queue} were lost",
+                self.store.generation,
+            ) from None
+
+    def rebuild(self) -> int:
+        """A fresh context at a new generation; returns how many buffers were lost."""
+        try:
+            self.backend.close()
+        except Exception as exc:
+            log.warning("closing the poisoned context: %s", exc)
+        self.backend.open()
+        lost = self.store.drop_all(self.fleet.next_generation(self.identity.queue))
+        log.warning(
+            "%s: context rebuilt at generation %d; %d buffers lost",
+            self.identity.worker,
+            self.store.generation,
+            lost,
+        )
+        self.fleet.heartbeat(self.record())
+        return lost
+
+    def where(self, entity_id: str | None = None) -> dict[str, Any]:
+        """The where-it-ran fields every result carries."""
+        where: dict[str, Any] = {}
+        if entity_id is not None:
+            where = {
+                "entity_id": entity_id,
+                "shard": shard_name(shard_index(entity_id, self.shard_count)),
+            }
+        return {
+            **where,
+            "queue": self.identity.queue,
+            "worker": self.identity.worker,
+            "device": self.backend.info.uuid,
+            "generation": self.store.generation,
+        }
+
+
+_runtime: DeviceRuntime | None = None
+_boot_error: str | None = None
+
+
+def install(runtime: DeviceRuntime | None, error: str | None = None) -> None:
+    global _runtime, _boot_error
+    _runtime, _boot_error = runtime, error
+
+
+def current() -> DeviceRuntime:
+    """This process's runtime, or a clear :class:`DeviceError` if there is none."""
+    if _runtime is None:
+        if _boot_error:
+            raise DeviceError(f"this GPU worker failed to start its device: {_boot_error}")
+        raise DeviceError(
+            "GPU tasks must run in a GPU worker started with "
+            "`gpu-tasks worker --gpu N`; this process has no device"
+        )
+    return _runtime
+
+
+_QUOTED = re.compile(r"'([^']+)'")
+_signatures: dict[Callable[..., Any], inspect.Signature] = {}
+
+
+def _bind(
+    body: Callable[..., Any], ctx: EntityContext, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> None:
+    """Reject arguments the body does not take, naming the field (send_task skips Celery's
+    own submit-time check)."""
+    sig = _signatures.get(body)
+    if sig is None:
+        sig = _signatures[body] = inspect.signature(body)
+    try:
+        sig.bind(ctx, *args, **kwargs)
+    except TypeError as exc:
+        match = _QUOTED.search(str(exc))
+        raise BadRequest(f"bad arguments: {exc}", match.group(1) if match else None) from None
+
+
+def execute(
+    task: Any,
+    body: Callable[..., Any],
+    entity_id: object,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """Run one entity-routed task body on this GPU (see ``gpu_tasks.task``)."""
+    runtime = current()
+    try:
+        eid = validate_entity_id(entity_id)
+    except RoutingError as exc:
+        raise BadRequest(str(exc), "entity_id") from None
+    ctx = EntityContext(runtime, eid)
+    _bind(body, ctx, args, kwargs)
+    with runtime.guard():
+        value = body(ctx, *args, **kwargs)
+    where = runtime.where(eid)
+    if getattr(task, "flat_result", False):
+        return {**where, **value}
+    return {**where, "result": value}

@@ -1,0 +1,191 @@
+"""The per-entity buffer store of one GPU: who owns which device buffer, and how much.
+
+Memory is accounted per GPU (the backend refuses what does not fit) and per
+entity (an optional quota). When the context is rebuilt every buffer is gone;
+the store remembers which names were lost at which generation, so a later
+request for one fails with :class:`StaleHandle` instead of a puzzling
+:class:`NoSuchBuffer`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gpu_tasks.errors import BadRequest, NoSuchBuffer, OutOfMemory, StaleHandle
+from workers.backend import DTYPES, Backend, Buffer
+
+MAX_DIMS = 8
+
+
+def parse_dtype(dtype: object) -> np.dtype[Any]:
+    """A supported dtype from its name, or :class:`BadRequest` naming ``dtype``."""
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise BadRequest(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}", "dtype")
+    return np.dtype(dtype)
+
+
+def parse_shape(shape: object) -> tuple[int, ...]:
+    """A shape from a list of positive ints (or one int); else :class:`BadRequest`."""
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        shape = [shape]
+    if not isinstance(shape, (list, tuple)) or not shape:
+        raise BadRequest(
+            f"shape must be a non-empty list of positive integers, got {shape!r}", "shape"
+        )
+    if len(shape) > MAX_DIMS:
+        raise BadRequest(f"shape has {len(shape)} dimensions; at most {MAX_DIMS}", "shape")
+    for dim in shape:
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            raise BadRequest(
+                f"shape must be a list of positive integers, got {list(shape)!r}", "shape"
+            )
+    return tuple(shape)
+
+
+def parse_name(name: object, field: str = "name") -> str:
+    if not isinstance(name, str) or not name or len(name) > 256:
+        raise BadRequest(f"{field} must be a buffer name (1-256 characters), got {name!r}", field)
+    return name
+
+
+@dataclass(frozen=True)
+class EntityUsage:
+    buffers: int
+    bytes: int
+
+
+class BufferStore:
+    """Buffers of every entity served by one GPU worker, keyed by (entity, name)."""
+
+    def __init__(self, backend: Backend, generation: int, entity_quota_bytes: int = 0) -> None:
+        self.backend = backend
+        self.generation = generation
+        self.entity_quota_bytes = entity_quota_bytes
+        self._buffers: dict[str, dict[str, Buffer]] = {}
+        self._lost: dict[tuple[str, str], int] = {}
+        self._used_bytes = 0
+        # The heartbeat thread reads the totals while a task may be changing them.
+        self._lock = threading.Lock()
+
+    # -- reading -------------------------------------------------------------
+
+    def get(self, entity_id: str, name: str, generation: int | None = None) -> Buffer:
+        """The entity's buffer ``name``; ``generation``, if given, must be the current one."""
+        parse_name(name)
+        if generation is not None and generation != self.generation:
+            raise StaleHandle(
+                f"handle to buffer {name!r} of entity {entity_id!r} is from context generation "
+                f"{generation}; this GPU is at generation {self.generation} and its buffers "
+                "from older generations are gone",
+                generation,
+                self.generation,
+            )
+        buf = self._buffers.get(entity_id, {}).get(name)
+        if buf is not None:
+            return buf
+        lost_at = self._lost.get((entity_id, name))
+        if lost_at is not None:
+            raise StaleHandle(
+                f"buffer {name!r} of entity {entity_id!r} was lost when the context of "
+                f"generation {lost_at} was rebuilt (now generation {self.generation}); "
+                "allocate it again",
+                lost_at,
+                self.generation,
+            )
+        owned = sorted(self._buffers.get(entity_id, {}))
+        raise NoSuchBuffer(
+            f"entity {entity_id!r} has no buffer {name!r} on this GPU "
+            f"(it has: {', '.join(owned) if owned else 'none'})"
+        )
+
+    def names(self, entity_id: str) -> list[str]:
+        return sorted(self._buffers.get(entity_id, {}))
+
+    def usage(self, entity_id: str) -> EntityUsage:
+        bufs = self._buffers.get(entity_id, {})
+        return EntityUsage(len(bufs), sum(b.nbytes for b in bufs.values()))
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used_bytes
+
+    def totals(self) -> dict[str, int]:
+        """Counts for the heartbeat and ``stats``: entities, buffers, bytes held."""
+        with self._lock:
+            return {
+                "entities": len(self._buffers),
+                "buffers": sum(len(b) for b in self._buffers.values()),
+                "used_bytes": self._used_bytes,
+            }
+
+    # -- changing ------------------------------------------------------------
+
+    def alloc(self, entity_id: str, name: str, shape: object, dtype: object) -> Buffer:
+        """A zeroed buffer; replaces an existing one of the same name (freed first)."""
+        parse_name(name)
+        np_dtype, dims = parse_dtype(dtype), parse_shape(shape)
+        nbytes = int(np.prod(dims, dtype=object)) * np_dtype.itemsize
+        existing = self._buffers.get(entity_id, {}).get(name)
+        reuse = existing.nbytes if existing is not None else 0
+        if self.entity_quota_bytes:
+            held = self.usage(entity_id).bytes - reuse
+            if held + nbytes > self.entity_quota_bytes:
+                raise OutOfMemory(
+                    f"entity {entity_id!r} would hold {held + nbytes} bytes on this GPU; its "
+                    f"quota is {self.entity_quota_bytes} bytes",
+                    nbytes,
+                    max(self.entity_quota_bytes - held, 0),
+                )
+        free, total = self.backend.mem_info()
+        if nbytes > total:
+            raise OutOfMemory(
+                f"buffer {name!r} needs {nbytes} bytes; the whole GPU has {total} bytes",
+                nbytes,
+                free,
+            )
+        if existing is not None:
+            self.free(entity_id, name)
+        allocation = self.backend.alloc(nbytes)
+        buf = Buffer(entity_id, name, np_dtype, dims, self.generation, allocation)
+        with self._lock:
+            self._buffers.setdefault(entity_id, {})[name] = buf
+            self._used_bytes += nbytes
+            self._lost.pop((entity_id, name), None)
+        return buf
+
+    def free(self, entity_id: str, name: str | None = None) -> list[Buffer]:
+        """Free one buffer (``NoSuchBuffer`` if absent) or, with no name, all of the entity's."""
+        if name is None:
+            victims = list(self._buffers.get(entity_id, {}).values())
+        else:
+            victims = [self.get(entity_id, name)]
+        for buf in victims:
+            self.backend.release(buf.allocation)
+            with self._lock:
+                owned = self._buffers[entity_id]
+                del owned[buf.name]
+                if not owned:
+                    del self._buffers[entity_id]
+                self._used_bytes -= buf.nbytes
+        if name is None:
+            with self._lock:
+                for key in [k for k in self._lost if k[0] == entity_id]:
+                    del self._lost[key]
+        return victims
+
+    def drop_all(self, new_generation: int) -> int:
+        """Forget every buffer after a context rebuild; returns how many were lost."""
+        with self._lock:
+            lost = 0
+            for entity_id, bufs in self._buffers.items():
+                for name in bufs:
+                    self._lost[(entity_id, name)] = self.generation
+                    lost += 1
+            self._buffers.clear()
+            self._used_bytes = 0
+            self.generation = new_generation
+        return lost
