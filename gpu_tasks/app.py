@@ -8,6 +8,7 @@ start from it too (``celery -A gpu_tasks.app worker`` also works, though
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import redis
@@ -65,6 +66,17 @@ def configure(settings: Settings) -> None:
     _settings.use(settings)
     router = EntityRouter(ShardMapCache(settings.redis_url, settings.map_refresh_s))
     app.conf.update(celery_config(settings, router))
+    _drop_connections()
+
+
+def _drop_connections() -> None:
+    """Forget broker and backend connections made with the previous configuration
+    (what Celery itself does after a fork)."""
+    if app._pool is not None:
+        app._pool.force_close_all()
+    app._after_fork()
+    app._backend_cache = None
+    app._local = threading.local()
 
 
 def redis_client(settings: Settings | None = None) -> redis.Redis:

@@ -72,8 +72,11 @@ class BadRequest(DeviceError, ValueError):
         return self.args[1] if len(self.args) > 1 else None
 
 
-class OutOfMemory(DeviceError, MemoryError):
-    """The allocation does not fit in the GPU's free memory or in the entity's quota."""
+class OutOfMemory(DeviceError):
+    """The allocation does not fit in the GPU's free memory or in the entity's quota.
+
+    Deliberately not a ``MemoryError``: Celery treats that as fatal and stops the worker.
+    """
 
     def __init__(self, message: str, requested_bytes: int = 0, free_bytes: int = 0) -> None:
         super().__init__(message, requested_bytes, free_bytes)

@@ -1,0 +1,69 @@
+"""Shared fixtures: a real redis-server on a free loopback port, and a real cluster of
+sim GPU workers started the way the CLI starts them."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from gpu_tasks.cluster import LocalCluster
+from gpu_tasks.redis_server import RedisServer
+from gpu_tasks.settings import Settings
+
+NODE = "testnode"
+GPUS = 4
+SIM_MEMORY = 64 << 20
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def settings(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Settings of the session cluster (database 0 of the session Redis)."""
+    return Settings(redis_url=redis_server.url, node=NODE, sim_memory_bytes=SIM_MEMORY,
+                    heartbeat_s=0.5, imports=("tests.usertasks",),
+                    data_dir=str(tmp_path_factory.mktemp("gpu-tasks")))
+
+
+@pytest.fixture(scope="session")
+def cluster(settings: Settings) -> Iterator[LocalCluster]:
+    """Four sim GPU workers (``gpu-tasks worker --gpu I``) and a balanced shard map."""
+    from gpu_tasks.app import configure
+
+    configure(settings)
+    with LocalCluster(settings, gpus=GPUS, backend="sim", flower=True) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def client(redis_server: RedisServer) -> redis.Redis:
+    return redis.Redis.from_url(redis_server.url)
+
+
+_spare_dbs = itertools.cycle(range(1, 16))
+
+
+@pytest.fixture()
+def spare_url(redis_server: RedisServer) -> Iterator[str]:
+    """An empty Redis database of the session server that no worker consumes from."""
+    url = f"redis://127.0.0.1:{redis_server.port}/{next(_spare_dbs)}"
+    redis.Redis.from_url(url).flushdb()
+    yield url
+
+
+def gpu_tasks_cli(*args: str, env: dict[str, str] | None = None,
+                  timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the ``gpu-tasks`` CLI in a child process, as a user would."""
+    return subprocess.run([sys.executable, "-m", "gpu_tasks.cli", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)

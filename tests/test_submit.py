@@ -1,0 +1,126 @@
+"""Submit time: Celery's own apply_async/send_task are routed, and bad requests never
+reach the broker."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from gpu_tasks.app import app, configure
+from gpu_tasks.errors import ConfigError, RoutingError
+from gpu_tasks.routing import EntityRouter
+from gpu_tasks.settings import Settings
+from gpu_tasks.shardmap import ShardMap, ShardMapCache, ShardMapStore
+from gpu_tasks.tasks import alloc, stats
+from tests.conftest import gpu_tasks_cli
+
+QUEUES = ["gpu.idle.0", "gpu.idle.1"]
+
+
+@pytest.fixture()
+def idle_app(spare_url: str, settings: Settings) -> Iterator[redis.Redis]:
+    """The shared app pointed at a database with a map but no workers; restored after."""
+    configure(settings.replace(redis_url=spare_url))
+    client = redis.Redis.from_url(spare_url)
+    ShardMapStore(client).create(ShardMap.balanced(QUEUES, 1024))
+    yield client
+    configure(settings)
+
+
+def enqueued(client: redis.Redis) -> dict[str, int]:
+    """Every list in the database (kombu queues are lists) and its length."""
+    return {k.decode(): int(client.llen(k)) for k in client.keys("*")
+            if client.type(k) == b"list"}
+
+
+def test_apply_async_lands_on_the_queue_of_the_entitys_shard(idle_app: redis.Redis) -> None:
+    route = EntityRouter(ShardMapCache(app.conf.broker_url)).route("user-42")
+    alloc.apply_async(kwargs={"entity_id": "user-42", "name": "emb", "shape": [1024],
+                              "dtype": "float32"})
+    app.send_task("gpu_tasks.alloc", kwargs={"entity_id": "user-42", "name": "b", "shape": 4})
+    assert enqueued(idle_app) == {route.queue: 2}
+    body = json.loads(idle_app.lindex(route.queue, 0))
+    assert body["content-type"] == "application/json"
+    assert body["headers"]["task"] == "gpu_tasks.alloc"
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"name": "x", "shape": [4]}, "sent without entity_id"),
+    ({"entity_id": "", "name": "x", "shape": [4]}, "non-empty string, got ''"),
+    ({"entity_id": 42, "name": "x", "shape": [4]}, "non-empty string, got int 42"),
+    ({"entity_id": ["u"], "name": "x", "shape": [4]}, "non-empty string, got list"),
+])
+def test_a_routed_task_without_a_usable_entity_id_is_refused(
+        idle_app: redis.Redis, kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(RoutingError, match=message):
+        alloc.apply_async(kwargs=kwargs)
+    with pytest.raises(RoutingError, match=message):
+        app.send_task("gpu_tasks.alloc", kwargs=kwargs)
+    assert enqueued(idle_app) == {}
+
+
+def test_entity_id_given_positionally_is_refused_with_a_hint(idle_app: redis.Redis) -> None:
+    with pytest.raises(RoutingError, match="keyword argument"):
+        app.send_task("gpu_tasks.free", args=["user-42"])
+    assert enqueued(idle_app) == {}
+
+
+def test_a_misspelled_argument_fails_before_it_is_enqueued(idle_app: redis.Redis) -> None:
+    with pytest.raises(TypeError, match="shap"):
+        alloc.apply_async(kwargs={"entity_id": "u", "name": "x", "shap": [4]})
+    assert enqueued(idle_app) == {}
+
+
+def test_stats_must_name_a_gpu_queue(idle_app: redis.Redis) -> None:
+    with pytest.raises(RoutingError, match="queue='gpu"):
+        stats.apply_async()
+    assert enqueued(idle_app) == {}
+    stats.apply_async(queue=QUEUES[1])
+    assert enqueued(idle_app) == {QUEUES[1]: 1}
+
+
+def test_without_a_shard_map_routed_tasks_are_refused(spare_url: str, settings: Settings) -> None:
+    configure(settings.replace(redis_url=spare_url))
+    try:
+        with pytest.raises(Exception, match="no shard map"):
+            alloc.apply_async(kwargs={"entity_id": "u", "name": "x", "shape": [4]})
+        assert enqueued(redis.Redis.from_url(spare_url)) == {}
+    finally:
+        configure(settings)
+
+
+def test_without_redis_configured_the_error_says_which_setting(settings: Settings) -> None:
+    configure(Settings(node="x"))
+    try:
+        with pytest.raises(ConfigError, match="GPU_TASKS_REDIS_URL"):
+            alloc.apply_async(kwargs={"entity_id": "u", "name": "x", "shape": [4]})
+    finally:
+        configure(settings)
+
+
+def test_submit_cli_refuses_bad_input_clearly(spare_url: str) -> None:
+    env = {**os.environ, "GPU_TASKS_REDIS_URL": spare_url}
+    ShardMapStore(redis.Redis.from_url(spare_url)).create(ShardMap.balanced(QUEUES, 8))
+    no_entity = gpu_tasks_cli("submit", "alloc", "--kwargs", '{"name": "x", "shape": [4]}',
+                              env=env)
+    assert no_entity.returncode == 1 and "without entity_id" in no_entity.stderr
+    bad_json = gpu_tasks_cli("submit", "alloc", "--entity", "u", "--kwargs", "{name", env=env)
+    assert bad_json.returncode == 2 and "--kwargs" in bad_json.stderr
+    assert enqueued(redis.Redis.from_url(spare_url)) == {}
+
+
+def test_settings_from_the_environment_name_the_bad_variable() -> None:
+    with pytest.raises(ConfigError, match="GPU_TASKS_SHARD_COUNT"):
+        Settings.from_env({"GPU_TASKS_SHARD_COUNT": "many"})
+    with pytest.raises(ConfigError, match="GPU_TASKS_SIM_MEMORY_BYTES"):
+        Settings.from_env({"GPU_TASKS_SIM_MEMORY_BYTES": "lots"})
+    with pytest.raises(ConfigError, match="backend"):
+        Settings.from_env({"GPU_TASKS_BACKEND": "opencl"})
+    s = Settings.from_env({"GPU_TASKS_SIM_MEMORY_BYTES": "512MiB", "GPU_TASKS_NODE": "n1",
+                           "GPU_TASKS_IMPORTS": "a.b, c"})
+    assert (s.sim_memory_bytes, s.node, s.imports) == (512 << 20, "n1", ("a.b", "c"))
+    assert Settings.from_env(s.to_env()) == s

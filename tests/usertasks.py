@@ -1,0 +1,31 @@
+"""Users' own GPU tasks, imported by the test cluster's workers (GPU_TASKS_IMPORTS)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from gpu_tasks.task import gpu_task
+
+
+@gpu_task(name="tests.normalize")
+def normalize(gpu: Any, name: str) -> dict[str, Any]:
+    """Divide the entity's buffer by its sum, in place, using the buffer store directly."""
+    values = gpu.read(name)
+    total = float(values.sum())
+    gpu.write(name, values / total)
+    return {"total": total, "names": gpu.names(), "shard": gpu.shard}
+
+
+@gpu_task(name="tests.slow")
+def slow(gpu: Any, seconds: float, marker: str) -> dict[str, Any]:
+    """Sleep, then record that it ran; for tests that kill a worker mid-task."""
+    gpu.alloc(marker, [1], "int32")
+    time.sleep(seconds)
+    return {"pid": os.getpid()}
+
+
+@gpu_task
+def whoami(gpu: Any) -> int:
+    return gpu.generation
