@@ -1,0 +1,27 @@
+"""The device tests of ``tests/workers/test_device.py``, run on a real GPU via PyCUDA."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+if shutil.which("nvidia-smi") is None:
+    pytest.skip("no NVIDIA GPU on this host", allow_module_level=True)
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")  # pin before PyCUDA is imported
+pytest.importorskip("pycuda")
+
+from tests.workers.test_device import *  # noqa: E402, F403  (the same tests, collected here)
+from workers.backend import Backend, create_backend  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture()
+def backend() -> Iterator[Backend]:
+    be = create_backend("pycuda", node="unit", gpu_index=0, sim_memory_bytes=1)
+    be.open()
+    yield be
+    be.close()

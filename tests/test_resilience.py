@@ -1,0 +1,86 @@
+"""Nothing accepted is lost: a pool child killed mid-task, a restarted Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from gpu_tasks.app import configure
+from gpu_tasks.cluster import LocalCluster
+from gpu_tasks.redis_server import RedisServer
+from gpu_tasks.settings import Settings
+from gpu_tasks.tasks import alloc, read, stats, write
+from tests import usertasks
+from tests.conftest import NODE
+
+TIMEOUT = 60
+
+
+def pool_child(cluster: LocalCluster, gpu: int) -> psutil.Process:
+    children = psutil.Process(cluster.workers[gpu].popen.pid).children()
+    assert len(children) == 1, "prefork with concurrency 1 has exactly one pool child"
+    return children[0]
+
+
+def test_a_task_whose_pool_child_dies_is_redelivered_and_the_gpu_keeps_serving(
+        cluster: LocalCluster) -> None:
+    # Given a slow task running on GPU 0's pool child
+    from tests.test_cluster import entity_on
+
+    e = entity_on(cluster, 0, "crash")
+    child = pool_child(cluster, 0)
+    before = stats.apply_async(queue=f"gpu.{NODE}.0").get(timeout=TIMEOUT)["generation"]
+    pending = usertasks.slow.apply_async(kwargs={"entity_id": e, "seconds": 1.5,
+                                                 "marker": "m"})
+    deadline = time.monotonic() + 20
+    while pending.state != "STARTED":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # When the child is killed mid-task
+    os.kill(child.pid, signal.SIGKILL)
+    # Then the task is redelivered to the replacement child and completes
+    result = pending.get(timeout=TIMEOUT)
+    assert result["result"]["pid"] != child.pid
+    assert pool_child(cluster, 0).pid == result["result"]["pid"]
+    assert result["generation"] > before  # a new child is a new context generation
+
+
+def test_work_queued_before_a_redis_restart_is_served_after_it(tmp_path: Path,
+                                                                settings: Settings) -> None:
+    # Given a Redis with AOF and a producer that enqueues before any worker exists
+    server = RedisServer(tmp_path / "redis").start()
+    own = settings.replace(redis_url=server.url, data_dir=str(tmp_path / "data"))
+    cluster = LocalCluster(own, gpus=1, backend="sim", flower=False)
+    try:
+        configure(own)
+        assert cluster.ensure_shard_map()
+        entities = [f"queued-{i}" for i in range(10)]
+        for e in entities:
+            alloc.apply_async(kwargs={"entity_id": e, "name": "x", "shape": [2]})
+            write.apply_async(kwargs={"entity_id": e, "name": "x", "values": [1, 2]})
+        reads = [read.apply_async(kwargs={"entity_id": e, "name": "x", "as_list": True})
+                 for e in entities]
+        # When Redis restarts, then the worker starts
+        server.restart()
+        cluster.start()
+        # Then every queued request is served, in order, on the one GPU
+        for result in reads:
+            assert result.get(timeout=TIMEOUT)["values"] == [1.0, 2.0]
+        # And a restart under a running worker: it reconnects and keeps serving
+        server.restart()
+        late = alloc.apply_async(kwargs={"entity_id": "late", "name": "y", "shape": [1]})
+        assert late.get(timeout=TIMEOUT)["queue"] == f"gpu.{NODE}.0"
+    finally:
+        cluster.stop()
+        server.stop()
+        configure(settings)
+
+
+@pytest.fixture(autouse=True)
+def _needs_the_session_cluster(cluster: LocalCluster) -> None:
+    """Both tests configure the shared app; the session cluster must exist first."""

@@ -1,0 +1,54 @@
+"""`gpu-tasks up --once`: the whole job on an embedded Redis, as a smoke test."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+
+import psutil
+
+from tests.conftest import gpu_tasks_cli
+
+
+def test_up_once_runs_the_demo_and_leaves_nothing_running(tmp_path: Path) -> None:
+    # Given no Redis configured: `up` must start its own
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_TASKS_")}
+    env["GPU_TASKS_DATA_DIR"] = str(tmp_path / "state")
+    env["GPU_TASKS_NODE"] = "smoke"
+    # When
+    done = gpu_tasks_cli("up", "--once", "--gpus", "3", "--entities", "30", env=env,
+                         timeout=240)
+    # Then the demo passed on three sim GPUs, with Flower up
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "180 requests, 30 entities, 3 GPUs: every entity stayed on one GPU" in out
+    assert re.search(r"Flower:\s+http://127\.0\.0\.1:\d+", out)
+    redis_port = int(re.search(r"Redis:\s+redis://127\.0\.0\.1:(\d+)/0", out).group(1))
+    assert redis_port != 6379
+    assert (tmp_path / "state" / "redis" / "appendonlydir").exists() or any(
+        (tmp_path / "state" / "redis").glob("*.aof"))
+    # And nothing it started is still running
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", redis_port)) != 0, "redis-server still running"
+    assert started_by(tmp_path) == []
+
+
+def started_by(tmp_path: Path) -> list[str]:
+    """Processes whose command line or environment names the run's data directory."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            env = proc.environ()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if str(tmp_path) in " ".join(proc.info["cmdline"] or []) or str(tmp_path) in env.get(
+                "GPU_TASKS_DATA_DIR", ""):
+            found.append(" ".join(proc.info["cmdline"] or []))
+    return found
+
+
+def test_up_refuses_an_unknown_backend() -> None:
+    done = gpu_tasks_cli("up", "--once", "--backend", "opencl")
+    assert done.returncode == 2 and "opencl" in done.stderr
