@@ -77,6 +77,9 @@ class Settings:
     """Hard time limit of one device task; the pool child is replaced past it."""
     visibility_timeout_s: float = 3600.0
     """Redis visibility timeout; must exceed the longest task (checked)."""
+    fault_injection: bool = False
+    """Allow the ``fault`` kernel, which breaks a GPU's context on purpose (and so drops
+    every entity's buffers on that GPU). For recovery drills and tests only."""
     imports: tuple[str, ...] = ()
     """Extra modules a worker imports, where users' own ``@gpu_task`` tasks live."""
     data_dir: str = ".gpu-tasks"
@@ -161,6 +164,10 @@ def _convert(name: str, raw: str) -> Any:
             return parse_size(raw)
         except ConfigError as exc:
             raise ConfigError(f"{var}: {exc}") from None
+    if name == "fault_injection":
+        if raw.strip().lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ConfigError(f"{var}={raw!r} is not a boolean (use 1/0, true/false)")
+        return raw.strip().lower() in ("1", "true", "yes", "on")
     if name == "imports":
         return tuple(m.strip() for m in raw.split(",") if m.strip())
     return raw

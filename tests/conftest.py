@@ -32,7 +32,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 def settings(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     """Settings of the session cluster (database 0 of the session Redis)."""
     return Settings(redis_url=redis_server.url, node=NODE, sim_memory_bytes=SIM_MEMORY,
-                    heartbeat_s=0.5, imports=("tests.usertasks",),
+                    heartbeat_s=0.5, fault_injection=True, imports=("tests.usertasks",),
                     data_dir=str(tmp_path_factory.mktemp("gpu-tasks")))
 
 

@@ -120,7 +120,12 @@ def test_settings_from_the_environment_name_the_bad_variable() -> None:
         Settings.from_env({"GPU_TASKS_SIM_MEMORY_BYTES": "lots"})
     with pytest.raises(ConfigError, match="backend"):
         Settings.from_env({"GPU_TASKS_BACKEND": "opencl"})
+    with pytest.raises(ConfigError, match="GPU_TASKS_FAULT_INJECTION"):
+        Settings.from_env({"GPU_TASKS_FAULT_INJECTION": "maybe"})
+    with pytest.raises(ConfigError, match="visibility_timeout_s"):
+        Settings.from_env({"GPU_TASKS_VISIBILITY_TIMEOUT_S": "60"})
     s = Settings.from_env({"GPU_TASKS_SIM_MEMORY_BYTES": "512MiB", "GPU_TASKS_NODE": "n1",
-                           "GPU_TASKS_IMPORTS": "a.b, c"})
+                           "GPU_TASKS_IMPORTS": "a.b, c", "GPU_TASKS_FAULT_INJECTION": "true"})
     assert (s.sim_memory_bytes, s.node, s.imports) == (512 << 20, "n1", ("a.b", "c"))
+    assert s.fault_injection is True
     assert Settings.from_env(s.to_env()) == s

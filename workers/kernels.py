@@ -142,6 +142,8 @@ def launch(
     kernel: object,
     params: Mapping[str, Any],
     generation: int | None = None,
+    *,
+    allow_fault: bool = False,
 ) -> dict[str, Any]:
     """Check ``params`` against the kernel and run it on the entity's buffers."""
     if not isinstance(kernel, str) or kernel not in KERNELS:
@@ -149,6 +151,12 @@ def launch(
             f"kernel must be one of {', '.join(sorted(KERNELS))}, got {kernel!r}", "kernel"
         )
     spec = KERNELS[kernel]
+    if kernel == "fault" and not allow_fault:
+        raise BadRequest(
+            "kernel fault breaks the GPU context for every entity on it; it runs only "
+            "where GPU_TASKS_FAULT_INJECTION=1",
+            "kernel",
+        )
     known = {*spec.buffers, *spec.optional_buffers, *spec.scalars}
     for param in params:
         if param not in known:

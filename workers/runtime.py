@@ -112,7 +112,8 @@ class EntityContext:
 
     def launch(self, kernel: str, generation: int | None = None, **params: Any) -> dict[str, Any]:
         """Run a named kernel (see :mod:`workers.kernels`) on this entity's buffers."""
-        return kernels.launch(self.store, self.entity_id, kernel, params, generation)
+        return kernels.launch(self.store, self.entity_id, kernel, params, generation,
+                              allow_fault=self._runtime.settings.fault_injection)
 
 
 class DeviceRuntime:

@@ -142,8 +142,10 @@ def test_unknown_buffers_and_bad_requests_name_what_was_wrong(store: BufferStore
 
 def test_a_rebuilt_context_makes_old_handles_stale(backend: Backend, store: BufferStore) -> None:
     put(store, "x", np.ones(4, np.float32))
-    with pytest.raises(DevicePoisoned):
+    with pytest.raises(BadRequest, match="GPU_TASKS_FAULT_INJECTION"):
         launch(store, "e", "fault", {})
+    with pytest.raises(DevicePoisoned):
+        launch(store, "e", "fault", {}, allow_fault=True)
     backend.close()
     backend.open()
     assert store.drop_all(new_generation=2) == 1
