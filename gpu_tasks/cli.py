@@ -18,6 +18,7 @@ from types import FrameType
 from typing import Any, TypeVar
 
 import click
+from rich import box
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -127,7 +128,7 @@ def shards() -> None:
 @click.option("--gpus", type=click.IntRange(min=1), help="This node's GPUs 0..N-1.")
 @click.option("--queues", help="Comma-separated GPU queues, e.g. gpu.a.0,gpu.b.0.")
 @click.option("--force", is_flag=True, help="Replace an existing map (bumps the epoch).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.pass_context
 @handle_errors
 def shards_init(
@@ -161,11 +162,11 @@ def shards_init(
 
 
 @shards.command("show")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.pass_context
 @handle_errors
 def shards_show(ctx: click.Context, as_json: bool) -> None:
-    """Print the shard map: shards per GPU queue, epoch (``--json``: every shard)."""
+    """Print the shard map: shards per GPU queue and the epoch (--json: every shard)."""
     from gpu_tasks.shardmap import ShardMapStore
 
     _print_map(ShardMapStore(_redis(_settings(ctx))).load(), as_json)
@@ -199,7 +200,7 @@ def _print_map(shard_map: Any, as_json: bool) -> None:
 @click.option(
     "--pool", type=click.Choice(["prefork", "solo"]), default="prefork", show_default=True
 )
-@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--loglevel", help="Celery log level (default: $GPU_TASKS_LOG_LEVEL or INFO).")
 @click.option("--sim-memory", help="Capacity of a sim GPU, e.g. 512MiB.")
 @click.pass_context
 @handle_errors
@@ -209,7 +210,7 @@ def worker(
     backend: str | None,
     imports: tuple[str, ...],
     pool: str,
-    loglevel: str,
+    loglevel: str | None,
     sim_memory: str | None,
 ) -> None:
     """Run one Celery worker pinned to GPU I, consuming only gpu.<node>.<I>."""
@@ -225,7 +226,7 @@ def worker(
     )
     identity = WorkerIdentity(settings.node, gpu_index, resolve_backend(settings.backend))
     settings.require_redis_url()
-    run_worker(identity, settings, loglevel=loglevel, pool=pool)
+    run_worker(identity, settings, loglevel=loglevel or settings.log_level, pool=pool)
 
 
 # -- submit -----------------------------------------------------------------------------
@@ -238,7 +239,7 @@ def worker(
 @click.option("--queue", help="Send to this GPU queue (for gpu_tasks.stats).")
 @click.option("--wait", is_flag=True, help="Wait for the result and print it.")
 @click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.pass_context
 @handle_errors
 def submit(
@@ -306,7 +307,7 @@ def fleet_status(settings: Settings) -> list[dict[str, Any]]:
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.pass_context
 @handle_errors
 def status(ctx: click.Context, as_json: bool) -> None:
@@ -315,36 +316,25 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         _emit_json(rows)
         return
-    table = Table(
-        "queue",
-        "worker",
-        "alive",
-        "heartbeat",
-        "depth",
-        "shards",
-        "memory",
-        "entities",
-        "gen",
-        "device",
-    )
+    table = Table("GPU queue", "alive", "beat", "depth", "shards", "MiB used/total",
+                  "entities", "gen", "device", box=box.SIMPLE_HEAD)
     for r in rows:
         table.add_row(
             r["queue"],
-            r["worker"],
             "[green]yes[/]" if r["alive"] else "[red]no[/]",
-            f"{r['heartbeat_age_s']:.1f}s ago",
+            f"{r['heartbeat_age_s']:.1f}s",
             str(r["queue_depth"]),
             str(r["shards"]),
-            f"{_mib(r['used_bytes'])} / {_mib(r['total_bytes'])}",
+            f"{_mib(r['used_bytes'])}/{_mib(r['total_bytes'])}",
             str(r["entities"]),
             str(r["generation"]),
-            f"{r['device_name']} ({r['device_uuid']})",
+            r["device_uuid"],
         )
     console.print(table if rows else "no GPU workers registered")
 
 
 def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
+    return f"{n / (1 << 20):.0f}"
 
 
 # -- demo -------------------------------------------------------------------------------
@@ -355,7 +345,7 @@ def _mib(n: int) -> str:
     "--entities", "entity_count", type=click.IntRange(min=1), default=50, show_default=True
 )
 @click.option("--timeout", "timeout_s", type=float, default=120.0, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.pass_context
 @handle_errors
 def demo(ctx: click.Context, entity_count: int, timeout_s: float, as_json: bool) -> None:

@@ -67,7 +67,10 @@ class LocalCluster:
         log_dir: str | Path | None = None,
     ) -> None:
         if gpus < 1:
-            raise GpuTasksError(f"a cluster needs at least one GPU, not {gpus}")
+            raise GpuTasksError(
+                f"a cluster needs at least one GPU, not {gpus}"
+                + (" (nvidia-smi lists no GPU on this host; try --backend sim)"
+                   if backend == "pycuda" else ""))
         self.settings = settings
         self.gpus = gpus
         self.backend = backend
@@ -178,16 +181,18 @@ class LocalCluster:
             return False
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM every process group we started (workers finish their task), then SIGKILL
-        what is left; then stop Redis."""
+        """SIGTERM each process we started (a Celery worker finishes its running task:
+        signalling its whole group would kill the pool child mid-task), then SIGKILL its
+        group, taking what is left of it; then stop Redis."""
         procs = [p for p in [*self.workers, self.flower] if p is not None]
         for proc in procs:
-            _signal_group(proc.popen, signal.SIGTERM)
+            if proc.alive():
+                proc.popen.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         for proc in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.popen.wait(max(0.1, deadline - time.monotonic()))
-            _signal_group(proc.popen, signal.SIGKILL)  # strays the leader left behind
+            _signal_group(proc.popen, signal.SIGKILL)
             if proc.popen.poll() is None:
                 proc.popen.wait()
             proc.log_file.close()

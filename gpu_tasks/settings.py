@@ -108,7 +108,7 @@ class Settings:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            raw = env.get(ENV_PREFIX + f.name.upper())
+            raw = env.get(env_name(f.name))
             if raw is None or raw == "":
                 continue
             values[f.name] = _convert(f.name, raw)
@@ -125,7 +125,7 @@ class Settings:
             value = getattr(self, f.name)
             if value is None:
                 continue
-            env[ENV_PREFIX + f.name.upper()] = (
+            env[env_name(f.name)] = (
                 ",".join(value) if isinstance(value, tuple) else str(value)
             )
         return env
@@ -143,13 +143,23 @@ class Settings:
         return self.redis_url
 
 
+# Sizes take units ("512MiB"), so their variables drop the _BYTES of the field name.
+_ENV_NAMES = {"sim_memory_bytes": "GPU_TASKS_SIM_MEMORY",
+              "entity_memory_bytes": "GPU_TASKS_ENTITY_MEMORY"}
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable of a settings field: ``GPU_TASKS_<FIELD>``."""
+    return _ENV_NAMES.get(field_name, ENV_PREFIX + field_name.upper())
+
+
 _INT_FIELDS = {"shard_count"}
 _SIZE_FIELDS = {"sim_memory_bytes", "entity_memory_bytes"}
 _FLOAT_FIELDS = {"map_refresh_s", "heartbeat_s", "task_time_limit_s", "visibility_timeout_s"}
 
 
 def _convert(name: str, raw: str) -> Any:
-    var = ENV_PREFIX + name.upper()
+    var = env_name(name)
     try:
         if name in _INT_FIELDS:
             return int(raw)

@@ -149,11 +149,10 @@ def test_bad_requests_name_the_field_and_the_worker_keeps_serving(
             call(task, entity_id=e, **kwargs)
         assert raised.value.field == field, (task.name, kwargs, str(raised.value))
         assert field in str(raised.value) or field == "values"
-    call(alloc, entity_id=e, name="v3", shape=[3], dtype="float32")
+    call(alloc, entity_id=e, name="v3", shape=[3, 1], dtype="float32")
     with pytest.raises(BadRequest, match="b has 3 rows but a has 2 columns"):
-        call(alloc, entity_id=e, name="v3", shape=[3, 1], dtype="float32")
         call(run, entity_id=e, kernel="sgemm", a="m", b="v3", c="m")
-    with pytest.raises(NoSuchBuffer, match="no buffer 'nope'.*it has: m, v3"):
+    with pytest.raises(NoSuchBuffer, match=r"no buffer 'nope'.*it has: m, v3"):
         call(read, entity_id=e, name="nope")
     assert_still_serving(e)
     call(free, entity_id=e)

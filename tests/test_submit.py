@@ -116,15 +116,15 @@ def test_submit_cli_refuses_bad_input_clearly(spare_url: str) -> None:
 def test_settings_from_the_environment_name_the_bad_variable() -> None:
     with pytest.raises(ConfigError, match="GPU_TASKS_SHARD_COUNT"):
         Settings.from_env({"GPU_TASKS_SHARD_COUNT": "many"})
-    with pytest.raises(ConfigError, match="GPU_TASKS_SIM_MEMORY_BYTES"):
-        Settings.from_env({"GPU_TASKS_SIM_MEMORY_BYTES": "lots"})
+    with pytest.raises(ConfigError, match="GPU_TASKS_SIM_MEMORY"):
+        Settings.from_env({"GPU_TASKS_SIM_MEMORY": "lots"})
     with pytest.raises(ConfigError, match="backend"):
         Settings.from_env({"GPU_TASKS_BACKEND": "opencl"})
     with pytest.raises(ConfigError, match="GPU_TASKS_FAULT_INJECTION"):
         Settings.from_env({"GPU_TASKS_FAULT_INJECTION": "maybe"})
     with pytest.raises(ConfigError, match="visibility_timeout_s"):
         Settings.from_env({"GPU_TASKS_VISIBILITY_TIMEOUT_S": "60"})
-    s = Settings.from_env({"GPU_TASKS_SIM_MEMORY_BYTES": "512MiB", "GPU_TASKS_NODE": "n1",
+    s = Settings.from_env({"GPU_TASKS_SIM_MEMORY": "512MiB", "GPU_TASKS_NODE": "n1",
                            "GPU_TASKS_IMPORTS": "a.b, c", "GPU_TASKS_FAULT_INJECTION": "true"})
     assert (s.sim_memory_bytes, s.node, s.imports) == (512 << 20, "n1", ("a.b", "c"))
     assert s.fault_injection is True

@@ -13,8 +13,8 @@ if shutil.which("nvidia-smi") is None:
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")  # pin before PyCUDA is imported
 pytest.importorskip("pycuda")
 
-from tests.workers.test_device import *  # noqa: E402, F403  (the same tests, collected here)
-from workers.backend import Backend, create_backend  # noqa: E402
+from tests.workers.test_device import *  # noqa: F403  (the same tests, collected here)
+from workers.backend import Backend, create_backend
 
 pytestmark = pytest.mark.gpu
 
