@@ -1,0 +1,58 @@
+# gpu-tasks: `make run` starts a local deployment (embedded Redis, 4 sim GPUs unless
+# real ones are found, Flower) and runs the demo; `make test` is what CI runs.
+#
+#   make run                  # stay up until Ctrl-C
+#   make run ARGS=--once      # exit after the demo (0 if it passed)
+#   make test PYTEST_ARGS='-k routing -x'
+
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+EXTRAS      ?= worker,ops,dev
+ARGS        ?=
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv install run test lint typecheck bench clean distclean
+
+help:
+	@echo "make run [ARGS=--once]   start Redis, GPU workers, Flower and run the demo (gpu-tasks up)"
+	@echo "make test [PYTEST_ARGS=] ruff, mypy and pytest (what CI runs)"
+	@echo "make lint | typecheck    ruff check | mypy alone"
+	@echo "make bench               router and drain benchmarks"
+	@echo "make venv                create $(VENV) and install the project into it"
+	@echo "make clean | distclean   remove run data and caches | also $(VENV) and .dist"
+
+venv install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall only when the dependencies may have changed.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	@touch $@
+
+run: $(STAMP)
+	$(VENV)/bin/gpu-tasks up $(ARGS)
+
+test: lint typecheck
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check gpu_tasks workers tests benchmarks
+
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
+bench: $(STAMP)
+	$(PY) benchmarks/router.py && $(PY) benchmarks/drain.py
+
+clean:
+	rm -rf .gpu-tasks .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) .dist
