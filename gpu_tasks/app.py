@@ -13,6 +13,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+from kombu import pools as kombu_pools
 
 from gpu_tasks import errors as _errors  # noqa: F401  (results rebuild these exceptions)
 from gpu_tasks import settings as _settings
@@ -50,9 +51,10 @@ def celery_config(settings: Settings, entity_router: EntityRouter) -> dict[str, 
         "worker_prefetch_multiplier": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "task_time_limit": settings.task_time_limit_s,
-        "task_track_started": True,
-        "task_send_sent_event": True,
-        "worker_send_task_events": True,
+        # Task events cost a worker about as much as a trivial task itself; Flower switches
+        # them on (enable_events) while it watches, so they are off by default.
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
         "result_extended": True,
         "result_expires": 24 * 3600,
         "imports": ("gpu_tasks.tasks", *settings.imports),
@@ -72,8 +74,9 @@ def configure(settings: Settings) -> None:
 def _drop_connections() -> None:
     """Forget broker and backend connections made with the previous configuration
     (what Celery itself does after a fork)."""
-    if app._pool is not None:
-        app._pool.force_close_all()
+    # kombu keeps pools in a process-wide registry keyed by URL: reset it, or a later
+    # configure() back to an earlier URL would get that URL's closed pool.
+    kombu_pools.reset()
     app._after_fork()
     app._backend_cache = None
     app._local = threading.local()

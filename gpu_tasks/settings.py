@@ -84,7 +84,8 @@ class Settings:
     """Extra modules a worker imports, where users' own ``@gpu_task`` tasks live."""
     data_dir: str = ".gpu-tasks"
     """Where ``gpu-tasks up`` keeps the embedded Redis data and logs."""
-    log_level: str = "INFO"
+    log_level: str = "WARNING"
+    """Worker log level. Celery's default: INFO adds two log lines to every task."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

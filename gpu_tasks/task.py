@@ -31,7 +31,6 @@ from typing import Any, TypeVar, overload
 
 from celery import Task
 
-from gpu_tasks.app import app
 from gpu_tasks.errors import DeviceError
 from gpu_tasks.routing import ENTITY_KWARG, ROUTED_TASK_NAMES
 
@@ -84,6 +83,10 @@ def gpu_task(fn: F | None = None, /, *, name: str | None = None, **options: Any)
     """
 
     def decorate(body: F) -> Any:
+        # Imported here, not at the top: gpu_tasks.app imports the built-in tasks, which
+        # use this decorator, so a module-level import would be circular.
+        from gpu_tasks.app import app
+
         flat = options.pop("flat_result", False)
 
         def run(self: GpuTask, *args: Any, entity_id: Any = None, **kwargs: Any) -> Any:

@@ -5,6 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+
+@pytest.mark.parametrize("first", ["gpu_tasks.task", "gpu_tasks.tasks", "gpu_tasks.app",
+                                   "gpu_tasks.cli", "gpu_tasks.routing"])
+def test_any_module_can_be_imported_first(first: str) -> None:
+    code = f"import {first}\nfrom gpu_tasks.task import gpu_task\nimport gpu_tasks.tasks\n"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+
 
 def test_producer_modules_import_no_numpy_pycuda_or_workers() -> None:
     code = (

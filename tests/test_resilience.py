@@ -27,6 +27,14 @@ def pool_child(cluster: LocalCluster, gpu: int) -> psutil.Process:
     return children[0]
 
 
+def running_on(cluster: LocalCluster, worker: str, task_id: str) -> bool:
+    """Whether ``worker`` says (Celery remote control) it is running ``task_id``."""
+    from gpu_tasks.app import app
+
+    active = app.control.inspect(destination=[worker], timeout=1.0).active() or {}
+    return any(t["id"] == task_id for t in active.get(worker, []))
+
+
 def test_a_task_whose_pool_child_dies_is_redelivered_and_the_gpu_keeps_serving(
         cluster: LocalCluster) -> None:
     # Given a slow task running on GPU 0's pool child
@@ -38,8 +46,8 @@ def test_a_task_whose_pool_child_dies_is_redelivered_and_the_gpu_keeps_serving(
     pending = usertasks.slow.apply_async(kwargs={"entity_id": e, "seconds": 1.5,
                                                  "marker": "m"})
     deadline = time.monotonic() + 20
-    while pending.state != "STARTED":
-        assert time.monotonic() < deadline
+    while not running_on(cluster, f"gpu0@{NODE}", pending.id):
+        assert time.monotonic() < deadline, "the task never started"
         time.sleep(0.05)
     # When the child is killed mid-task
     os.kill(child.pid, signal.SIGKILL)
