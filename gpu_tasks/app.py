@@ -76,7 +76,7 @@ def _drop_connections() -> None:
     (what Celery itself does after a fork)."""
     # kombu keeps pools in a process-wide registry keyed by URL: reset it, or a later
     # configure() back to an earlier URL would get that URL's closed pool.
-    kombu_pools.reset()
+    kombu_pools.reset()  # type: ignore[no-untyped-call]
     app._after_fork()
     app._backend_cache = None
     app._local = threading.local()
