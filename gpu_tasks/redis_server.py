@@ -100,8 +100,10 @@ class RedisServer:
                     f"on port {self.port}: {err or log_tail}"
                 )
             try:
-                # AOF loading answers LOADING to commands other than PING; wait it out.
-                if client.ping() and client.info("persistence").get("loading", 0) == 0:
+                # The port may belong to another server (it was free when we looked), and
+                # AOF loading answers LOADING to commands other than PING: check both.
+                info = client.info()
+                if info.get("process_id") == self.process.pid and not info.get("loading"):
                     return self
             except redis.RedisError:
                 pass

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import psutil
 
-from tests.conftest import gpu_tasks_cli
+from tests.conftest import REPO, gpu_tasks_cli
 
 
 def test_up_once_runs_the_demo_and_leaves_nothing_running(tmp_path: Path) -> None:
@@ -52,3 +56,36 @@ def started_by(tmp_path: Path) -> list[str]:
 def test_up_refuses_an_unknown_backend() -> None:
     done = gpu_tasks_cli("up", "--once", "--backend", "opencl")
     assert done.returncode == 2 and "opencl" in done.stderr
+
+
+def test_up_stays_up_until_sigterm_then_stops_everything(tmp_path: Path) -> None:
+    # Given `gpu-tasks up` (not --once) on an embedded Redis
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_TASKS_")}
+    env.update(GPU_TASKS_DATA_DIR=str(tmp_path / "state"), GPU_TASKS_NODE="staysup",
+               PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "gpu_tasks.cli", "up", "--gpus", "2",
+                             "--entities", "5", "--no-flower"], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("up: Ctrl-C"):
+                break
+        else:
+            raise AssertionError("".join(lines))
+        # While it is up, its processes are running
+        time.sleep(1)
+        assert proc.poll() is None
+        assert len(started_by(tmp_path)) >= 3  # redis-server and two workers, at least
+        # When it gets SIGTERM
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # Then it stops cleanly, and so does everything it started
+    assert proc.returncode == 0, rest
+    assert "stopped" in rest
+    assert started_by(tmp_path) == []
