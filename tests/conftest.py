@@ -20,6 +20,8 @@ NODE = "testnode"
 GPUS = 4
 SIM_MEMORY = 64 << 20
 REPO = Path(__file__).resolve().parent.parent
+DEFAULT_PORT = redis.Redis().connection_pool.connection_kwargs["port"]
+"""Redis's standard port, where this machine's own Redis listens: tests must never use it."""
 
 
 @pytest.fixture(scope="session")

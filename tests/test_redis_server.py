@@ -9,6 +9,7 @@ import redis
 
 from gpu_tasks.errors import RedisServerError
 from gpu_tasks.redis_server import RedisServer, find_redis_server
+from tests.conftest import DEFAULT_PORT
 
 
 def test_without_one_on_the_path_the_wheels_redis_server_is_used(
@@ -22,7 +23,7 @@ def test_without_one_on_the_path_the_wheels_redis_server_is_used(
         client.set("k", "v")
         assert client.get("k") == b"v"
         assert client.config_get("appendonly") == {"appendonly": "yes"}
-        assert server.port != 6379
+        assert server.port != DEFAULT_PORT  # never the shared system Redis
 
 
 def test_a_server_that_cannot_start_says_why(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import REPO, gpu_tasks_cli
+from tests.conftest import DEFAULT_PORT, REPO, gpu_tasks_cli
 
 
 def test_up_once_runs_the_demo_and_leaves_nothing_running(tmp_path: Path) -> None:
@@ -30,7 +30,7 @@ def test_up_once_runs_the_demo_and_leaves_nothing_running(tmp_path: Path) -> Non
     assert "180 requests, 30 entities, 3 GPUs: every entity stayed on one GPU" in out
     assert re.search(r"Flower:\s+http://127\.0\.0\.1:\d+", out)
     redis_port = int(re.search(r"Redis:\s+redis://127\.0\.0\.1:(\d+)/0", out).group(1))
-    assert redis_port != 6379
+    assert redis_port != DEFAULT_PORT  # its own server, not the system one
     assert (tmp_path / "state" / "redis" / "appendonlydir").exists() or any(
         (tmp_path / "state" / "redis").glob("*.aof"))
     # And nothing it started is still running
