@@ -112,7 +112,9 @@ class EntityRouter:
         entity_id = kwargs.get(ENTITY_KWARG) if kwargs else None
         if entity_id is None:
             if not (name in self.routed_names or getattr(task, "entity_routed", False)):
-                if "queue" not in options and name in QUEUE_ADDRESSED_TASK_NAMES:
+                if "queue" not in options and (
+                    name in QUEUE_ADDRESSED_TASK_NAMES or getattr(task, "queue_addressed", False)
+                ):
                     raise RoutingError(
                         f"task {name} runs on one GPU: send it with "
                         "queue='gpu.<node>.<index>'; nothing was enqueued"

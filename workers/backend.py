@@ -39,10 +39,6 @@ class DeviceInfo:
     total_bytes: int
 
 
-class Allocation(Protocol):
-    """A backend's handle to device memory (opaque above the backend)."""
-
-
 @dataclass
 class Buffer:
     """A named device buffer owned by one entity."""
