@@ -48,7 +48,7 @@ typecheck: $(STAMP)
 	$(PY) -m mypy
 
 bench: $(STAMP)
-	$(PY) benchmarks/router.py && $(PY) benchmarks/drain.py
+	$(PY) -m benchmarks.router && $(PY) -m benchmarks.drain
 
 clean:
 	rm -rf .gpu-tasks .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
