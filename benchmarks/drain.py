@@ -46,13 +46,15 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import Any
 
 from rich.console import Console
 from rich.progress import Progress
+
+from gpu_tasks.cluster import Process, spawn
 
 TARGET_RATIO = 0.9
 NODE = "bench"
@@ -71,39 +73,14 @@ class BenchmarkError(RuntimeError):
     pass
 
 
-@dataclass
-class Child:
-    """A worker we started, in its own process group."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-    log_file: IO[bytes] = field(repr=False)
-    started_at: float = field(default_factory=time.time)
-
-    def check_alive(self) -> None:
-        if self.popen.poll() is not None:
-            raise BenchmarkError(
-                f"{self.name} worker exited with {self.popen.returncode}:\n{self.log_tail()}"
-            )
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def cpu_s(self) -> float | None:
-        """CPU seconds (user + system) used so far by the live processes of our group
-        (worker parent and pool child); None where there is no /proc."""
-        return group_cpu_s(self.popen.pid)
-
-    def signal_group(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signum)
+def check_alive(child: Process) -> None:
+    if not child.alive():
+        raise BenchmarkError(
+            f"{child.name} worker exited with {child.popen.returncode}:\n{child.log_tail()}"
+        )
 
 
-def stop_all(children: Sequence[Child], timeout_s: float = 10.0) -> None:
+def stop_all(children: Sequence[Process], timeout_s: float = 10.0) -> None:
     """SIGTERM every group at once (warm shutdown), wait up to ``timeout_s`` in all, then
     SIGKILL whatever is left of each group (pool children the leader left), even if
     interrupted meanwhile."""
@@ -143,21 +120,6 @@ def group_cpu_s(pgid: int) -> float | None:
     return ticks / _CLOCK_TICKS
 
 
-def spawn(name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> Child:
-    log_path = log_dir / f"{name}.log"
-    log_file = open(log_path, "wb")  # noqa: SIM115  (closed in Child.stop)
-    popen = subprocess.Popen(
-        argv,
-        cwd=REPO_ROOT,
-        env={**env, "PYTHONUNBUFFERED": "1"},
-        stdin=subprocess.DEVNULL,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    return Child(name, popen, log_path, log_file)
-
-
 def _terminate(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through the finally that stops everything
 
@@ -172,7 +134,7 @@ class Target:
     name: str
     app: Any
     send: Callable[[str, int], None]
-    child: Child
+    child: Process
 
     def result_key(self, task_id: str) -> str:
         key = self.app.backend.get_key_for_task(task_id)
@@ -213,7 +175,7 @@ def drain(target: Target, client: Any, count: int, timeout_s: float) -> dict[str
             raise BenchmarkError("Redis did not confirm the result-channel subscription")
         confirmed = pubsub.get_message(timeout=1.0)
 
-    cpu0 = target.child.cpu_s()
+    cpu0 = group_cpu_s(target.child.popen.pid)
     own_cpu0 = time.process_time()
     t0 = time.perf_counter()
     for i, task_id in enumerate(task_ids):
@@ -226,10 +188,10 @@ def drain(target: Target, client: Any, count: int, timeout_s: float) -> dict[str
         if message is not None and message["type"] == "message":
             last_state = json.loads(message["data"]).get("status")
         elif time.monotonic() > deadline:
-            target.child.check_alive()
+            check_alive(target.child)
             raise BenchmarkError(f"{target.name}: last task not done after {timeout_s}s")
         elif message is None:
-            target.child.check_alive()
+            check_alive(target.child)
     pending = [k for k, s in zip(keys, _states(client, keys), strict=True) if s not in READY_STATES]
     while pending:  # only if tasks finished out of order
         if time.monotonic() > deadline:
@@ -242,7 +204,7 @@ def drain(target: Target, client: Any, count: int, timeout_s: float) -> dict[str
         ]
     total_s = time.perf_counter() - t0
     own_cpu_s = time.process_time() - own_cpu0
-    cpu1 = target.child.cpu_s()
+    cpu1 = group_cpu_s(target.child.popen.pid)
     pubsub.close()
 
     states = _states(client, keys)
@@ -270,8 +232,8 @@ def drain(target: Target, client: Any, count: int, timeout_s: float) -> dict[str
 
 
 def wait_ready(
-    children: Sequence[Child],
-    gpu_child: Child,
+    children: Sequence[Process],
+    gpu_child: Process,
     workers: Sequence[tuple[Any, str]],
     client: Any,
     timeout_s: float,
@@ -285,7 +247,7 @@ def wait_ready(
     pending = {"fleet", *(worker for _app, worker in workers)}
     while pending:
         for child in children:
-            child.check_alive()
+            check_alive(child)
         if "fleet" in pending:
             record = fleet.get(GPU_QUEUE)
             if record is not None and record.alive() and record.started_at >= gpu_child.started_at:
@@ -309,7 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
-    children: list[Child] = []
+    children: list[Process] = []
     server: RedisServer | None = None
     with tempfile.TemporaryDirectory(prefix="gpu-tasks-bench-drain-") as tmp:
         try:

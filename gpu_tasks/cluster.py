@@ -47,6 +47,21 @@ class Process:
         except OSError:
             return ""
 
+    def signal_group(self, sig: int) -> None:
+        """Signal the process and everything it forked (its process group)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, sig)
+
+
+def spawn(name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> Process:
+    """Start ``argv`` in its own process group, output to ``log_dir/<name>.log``."""
+    log_path = log_dir / f"{name}.log"
+    log_file = open(log_path, "ab")  # noqa: SIM115  (closed by whoever stops it)
+    popen = subprocess.Popen(argv, env={**env, "PYTHONUNBUFFERED": "1"},
+                             stdin=subprocess.DEVNULL, stdout=log_file,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    return Process(name, popen, log_path, log_file)
+
 
 def gpu_tasks_command(*args: str) -> list[str]:
     """The ``gpu-tasks`` CLI as a command line, with this interpreter."""
@@ -192,7 +207,7 @@ class LocalCluster:
         for proc in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.popen.wait(max(0.1, deadline - time.monotonic()))
-            _signal_group(proc.popen, signal.SIGKILL)
+            proc.signal_group(signal.SIGKILL)
             if proc.popen.poll() is None:
                 proc.popen.wait()
             proc.log_file.close()
@@ -202,18 +217,7 @@ class LocalCluster:
             self.redis = None
 
     def _spawn(self, name: str, argv: list[str]) -> Process:
-        log_path = self.log_dir / f"{name}.log"
-        log_file = open(log_path, "ab")  # noqa: SIM115  (closed in stop())
-        env = {**self.settings.child_env(), "PYTHONUNBUFFERED": "1"}
-        popen = subprocess.Popen(
-            argv,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        return Process(name, popen, log_path, log_file)
+        return spawn(name, argv, self.settings.child_env(), self.log_dir)
 
     def __enter__(self) -> LocalCluster:
         return self.start()
@@ -225,8 +229,3 @@ class LocalCluster:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-def _signal_group(popen: subprocess.Popen[bytes], sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(popen.pid, sig)
