@@ -29,6 +29,7 @@ def test_up_once_runs_the_demo_and_leaves_nothing_running(tmp_path: Path) -> Non
     out = done.stdout
     assert "180 requests, 30 entities, 3 GPUs: every entity stayed on one GPU" in out
     assert re.search(r"Flower:\s+http://127\.0\.0\.1:\d+", out)
+    assert "\x1b[" not in out and "sending" not in out  # piped: no colours, no progress bar
     redis_port = int(re.search(r"Redis:\s+redis://127\.0\.0\.1:(\d+)/0", out).group(1))
     assert redis_port != DEFAULT_PORT  # its own server, not the system one
     assert (tmp_path / "state" / "redis" / "appendonlydir").exists() or any(
