@@ -92,3 +92,23 @@ def test_work_queued_before_a_redis_restart_is_served_after_it(tmp_path: Path,
 @pytest.fixture(autouse=True)
 def _needs_the_session_cluster(cluster: LocalCluster) -> None:
     """Both tests configure the shared app; the session cluster must exist first."""
+
+
+def test_a_worker_started_before_the_shard_map_serves_once_it_exists(
+        spare_url: str, settings: Settings, tmp_path: Path) -> None:
+    # Given a GPU worker started on a Redis with no shard map yet (systemd before init)
+    own = settings.replace(redis_url=spare_url, data_dir=str(tmp_path))
+    cluster = LocalCluster(own, gpus=1, backend="sim", flower=False)
+    try:
+        cluster.log_dir.mkdir(parents=True)
+        cluster.workers.append(cluster.start_worker(0))
+        cluster.wait_ready(60)
+        # When the operator creates the map, then a producer sends work
+        assert cluster.ensure_shard_map()
+        configure(own)
+        done = alloc.apply_async(kwargs={"entity_id": "early", "name": "x", "shape": [1]})
+        # Then the worker serves it
+        assert done.get(timeout=TIMEOUT)["queue"] == f"gpu.{NODE}.0"
+    finally:
+        cluster.stop()
+        configure(settings)

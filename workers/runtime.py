@@ -123,7 +123,8 @@ class DeviceRuntime:
         self.identity = identity
         self.settings = settings
         self.fleet = FleetRegistry(client)
-        self.shard_count = ShardMapStore(client).shard_count()
+        self._shard_map = ShardMapStore(client)
+        self._shard_count: int | None = None
         self.backend = create_backend(
             identity.backend,
             node=identity.node,
@@ -144,6 +145,14 @@ class DeviceRuntime:
             self.backend.info.total_bytes,
             self.store.generation,
         )
+
+    @property
+    def shard_count(self) -> int:
+        """S of the deployment's map, read on first use: a worker may start before
+        ``shards init``, but no routed task reaches it before there is a map."""
+        if self._shard_count is None:
+            self._shard_count = self._shard_map.shard_count()
+        return self._shard_count
 
     # -- fleet registry ---------------------------------------------------------
 
