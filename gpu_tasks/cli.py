@@ -321,7 +321,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     for r in rows:
         table.add_row(
             r["queue"],
-            "[green]yes[/]" if r["alive"] else "[red]no[/]",
+            "[green]yes[/]" if r["alive"] else f"[red]{_down(r)}[/]",
             f"{r['heartbeat_age_s']:.1f}s",
             str(r["queue_depth"]),
             str(r["shards"]),
@@ -331,6 +331,13 @@ def status(ctx: click.Context, as_json: bool) -> None:
             r["device_uuid"],
         )
     console.print(table if rows else "no GPU workers registered")
+
+
+def _down(row: dict[str, Any]) -> str:
+    """Why a GPU is not alive, briefly."""
+    if row["state"] == "failed":
+        return f"failed: {row['error']}"
+    return "stopped" if row["state"] == "stopped" else "no heartbeat"
 
 
 def _mib(n: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -9,14 +10,17 @@ from pathlib import Path
 
 import psutil
 import pytest
+import redis
 
 from gpu_tasks.app import configure
 from gpu_tasks.cluster import LocalCluster
+from gpu_tasks.errors import DeviceError
+from gpu_tasks.fleet import FleetRegistry
 from gpu_tasks.redis_server import RedisServer
 from gpu_tasks.settings import Settings
 from gpu_tasks.tasks import alloc, read, stats, write
 from tests import usertasks
-from tests.conftest import NODE
+from tests.conftest import NODE, gpu_tasks_cli
 
 TIMEOUT = 60
 
@@ -109,6 +113,37 @@ def test_a_worker_started_before_the_shard_map_serves_once_it_exists(
         done = alloc.apply_async(kwargs={"entity_id": "early", "name": "x", "shape": [1]})
         # Then the worker serves it
         assert done.get(timeout=TIMEOUT)["queue"] == f"gpu.{NODE}.0"
+    finally:
+        cluster.stop()
+        configure(settings)
+
+
+def test_a_gpu_that_fails_to_start_says_why_in_status_and_in_every_answer(
+        spare_url: str, settings: Settings, tmp_path: Path) -> None:
+    # Given a GPU whose boot fails (its generation counter in Redis is corrupt)
+    own = settings.replace(redis_url=spare_url, data_dir=str(tmp_path))
+    client = redis.Redis.from_url(spare_url)
+    client.set(f"gpu-tasks:generation:gpu.{NODE}.0", "corrupt")
+    cluster = LocalCluster(own, gpus=1, backend="sim", flower=False)
+    try:
+        cluster.log_dir.mkdir(parents=True)
+        assert cluster.ensure_shard_map()
+        cluster.workers.append(cluster.start_worker(0))
+        # Then the fleet registry says it failed, and why
+        registry = FleetRegistry(client)
+        deadline = time.monotonic() + 60
+        while (record := registry.get(f"gpu.{NODE}.0")) is None:
+            assert time.monotonic() < deadline, cluster.workers[0].log_tail()
+            time.sleep(0.1)
+        assert record.state == "failed" and not record.alive()
+        assert "not an integer" in record.error
+        shown = gpu_tasks_cli("status", "--json", env={**os.environ, **own.to_env()})
+        assert json.loads(shown.stdout)[0]["alive"] is False
+        # And a request gets that reason back instead of hanging
+        configure(own)
+        with pytest.raises(DeviceError, match=r"failed to start its device.*not an integer"):
+            alloc.apply_async(kwargs={"entity_id": "e", "name": "x", "shape": [1]}).get(
+                timeout=TIMEOUT)
     finally:
         cluster.stop()
         configure(settings)

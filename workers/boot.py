@@ -17,6 +17,7 @@ from typing import Any
 from celery import signals
 
 from gpu_tasks.errors import ConfigError
+from gpu_tasks.fleet import FleetRegistry, GpuRecord
 from gpu_tasks.settings import Settings
 from workers import runtime
 from workers.runtime import DeviceRuntime, WorkerIdentity
@@ -30,6 +31,20 @@ def pin_to_gpu(gpu_index: int) -> None:
         raise ConfigError("PyCUDA was imported before the worker was pinned to its GPU")
     os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # same numbering as nvidia-smi
     os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_index)
+
+
+def record_boot_failure(identity: WorkerIdentity, settings: Settings, reason: str) -> None:
+    """Register this GPU as ``failed`` with ``reason`` (best effort: Redis may be the cause)."""
+    from gpu_tasks.app import redis_client
+
+    record = GpuRecord(queue=identity.queue, worker=identity.worker, node=identity.node,
+                       gpu_index=identity.gpu_index, backend=identity.backend, device_name="",
+                       device_uuid="", total_bytes=0, heartbeat_s=settings.heartbeat_s,
+                       pid=os.getpid(), state="failed", error=reason)
+    try:
+        FleetRegistry(redis_client(settings)).heartbeat(record)
+    except Exception as exc:
+        log.warning("could not record the failed start in the fleet registry: %s", exc)
 
 
 def run_worker(
@@ -46,9 +61,12 @@ def run_worker(
         try:
             rt = DeviceRuntime(identity, settings, redis_client(settings))
         except Exception as exc:
-            # Keep the child alive so every task answers with the reason, and record it.
+            # Keep the child alive so every task answers with the reason, and tell the
+            # fleet registry, where `gpu-tasks status` shows it.
             log.exception("GPU %d failed to start", identity.gpu_index)
-            runtime.install(None, f"{type(exc).__name__}: {exc}")
+            reason = f"{type(exc).__name__}: {exc}"
+            runtime.install(None, reason)
+            record_boot_failure(identity, settings, reason)
             return
         runtime.install(rt)
         rt.start_heartbeat()
