@@ -11,7 +11,6 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import redis
 from celery import Celery
 from kombu import pools as kombu_pools
 
@@ -80,11 +79,6 @@ def _drop_connections() -> None:
     app._after_fork()
     app._backend_cache = None
     app._local = threading.local()
-
-
-def redis_client(settings: Settings | None = None) -> redis.Redis:
-    """A client for the deployment's Redis (shard map, fleet registry, queues)."""
-    return redis.Redis.from_url((settings or _settings.current()).require_redis_url())
 
 
 configure(_settings.current())

@@ -28,7 +28,6 @@ from gpu_tasks.settings import BACKENDS, Settings, parse_size
 
 F = TypeVar("F", bound=Callable[..., Any])
 console = Console()
-err_console = Console(stderr=True)
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -41,12 +40,6 @@ def _app(settings: Settings) -> Any:
 
     configure(settings)
     return app
-
-
-def _redis(settings: Settings) -> Any:
-    import redis
-
-    return redis.Redis.from_url(settings.require_redis_url())
 
 
 def _emit_json(data: Any) -> None:
@@ -156,7 +149,7 @@ def shards_init(
         raise click.BadParameter(
             f"not GPU queues (gpu.<node>.<index>): {', '.join(bad)}", param_hint="--queues"
         )
-    store = ShardMapStore(_redis(settings))
+    store = ShardMapStore(settings.redis_client())
     store.create(ShardMap.balanced(targets, settings.shard_count), force=force)
     _print_map(store.load(), as_json)
 
@@ -169,7 +162,7 @@ def shards_show(ctx: click.Context, as_json: bool) -> None:
     """Print the shard map: shards per GPU queue and the epoch (--json: every shard)."""
     from gpu_tasks.shardmap import ShardMapStore
 
-    _print_map(ShardMapStore(_redis(_settings(ctx))).load(), as_json)
+    _print_map(ShardMapStore(_settings(ctx).redis_client()).load(), as_json)
 
 
 def _print_map(shard_map: Any, as_json: bool) -> None:
@@ -288,7 +281,7 @@ def fleet_status(settings: Settings) -> list[dict[str, Any]]:
     from gpu_tasks.fleet import FleetRegistry, queue_depth
     from gpu_tasks.shardmap import ShardMapStore
 
-    client = _redis(settings)
+    client = settings.redis_client()
     try:
         per_queue = ShardMapStore(client).load().shards_per_queue()
     except ShardMapError:

@@ -125,9 +125,7 @@ class LocalCluster:
 
     def ensure_shard_map(self) -> bool:
         """Create a balanced map over this node's GPUs if there is none; True if created."""
-        import redis
-
-        store = ShardMapStore(redis.Redis.from_url(self.settings.require_redis_url()))
+        store = ShardMapStore(self.settings.redis_client())
         if store.exists():
             return False
         try:
@@ -161,9 +159,7 @@ class LocalCluster:
 
     def wait_ready(self, timeout_s: float) -> None:
         """Until every GPU is alive in the fleet registry and Flower answers."""
-        import redis
-
-        fleet = FleetRegistry(redis.Redis.from_url(self.settings.require_redis_url()))
+        fleet = FleetRegistry(self.settings.redis_client())
         deadline = time.monotonic() + timeout_s
         started_at = (
             time.time() - timeout_s if not self.workers else min(p.started_at for p in self.workers)

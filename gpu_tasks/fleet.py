@@ -85,9 +85,6 @@ class FleetRegistry:
         raw = self.client.hgetall(FLEET_KEY)
         return sorted((GpuRecord(**json.loads(v)) for v in raw.values()), key=lambda r: r.queue)
 
-    def remove(self, queue: str) -> None:
-        self.client.hdel(FLEET_KEY, queue)
-
 
 # kombu's Redis transport keeps a queue's messages in a list named after the queue,
 # and those of priority p > 0 in "<queue>\x06\x16<p>".

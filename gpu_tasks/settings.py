@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
+
 from gpu_tasks.errors import ConfigError
 
 ENV_PREFIX = "GPU_TASKS_"
@@ -134,6 +136,10 @@ class Settings:
     def child_env(self) -> dict[str, str]:
         """This process's environment with these settings in it, for a child process."""
         return {**os.environ, **self.to_env()}
+
+    def redis_client(self) -> redis.Redis:
+        """A client for the deployment's Redis (shard map, fleet registry, queues)."""
+        return redis.Redis.from_url(self.require_redis_url())
 
     def require_redis_url(self) -> str:
         if not self.redis_url:

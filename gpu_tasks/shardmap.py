@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,9 @@ import redis
 from gpu_tasks.errors import ConfigError, ShardMapError
 
 log = logging.getLogger(__name__)
+
+NO_MAP = ("no shard map in Redis: create one with `gpu-tasks shards init --gpus N` "
+          "(or `--queues Q1,Q2`)")
 
 MAP_KEY = "gpu-tasks:shardmap"
 META_KEY = "gpu-tasks:shardmap:meta"
@@ -85,10 +89,7 @@ class ShardMap:
         }
 
     def shards_per_queue(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for q in self.queues:
-            counts[q] = counts.get(q, 0) + 1
-        return counts
+        return dict(Counter(self.queues))
 
 
 class ShardMapStore:
@@ -133,9 +134,7 @@ class ShardMapStore:
         """S of the stored map; :class:`ShardMapError` if there is none."""
         raw = self.client.hget(META_KEY, "shard_count")
         if raw is None:
-            raise ShardMapError(
-                "no shard map in Redis: create one with `gpu-tasks shards init --gpus N`"
-            )
+            raise ShardMapError(NO_MAP)
         return int(raw)
 
     def epoch(self) -> int | None:
@@ -149,10 +148,7 @@ class ShardMapStore:
         pipe.hgetall(MAP_KEY)
         meta, shards = pipe.execute()
         if not meta:
-            raise ShardMapError(
-                "no shard map in Redis: create one with `gpu-tasks shards init --gpus N` "
-                "(or `--queues Q1,Q2`)"
-            )
+            raise ShardMapError(NO_MAP)
         count = int(meta[b"shard_count"])
         queues = []
         for i in range(count):
@@ -189,9 +185,6 @@ class ShardMapCache:
             return cached
         with self._lock:
             return self._refresh()
-
-    def invalidate(self) -> None:
-        self._next_check = 0.0
 
     def _refresh(self) -> ShardMap:
         now = time.monotonic()

@@ -35,14 +35,12 @@ def pin_to_gpu(gpu_index: int) -> None:
 
 def record_boot_failure(identity: WorkerIdentity, settings: Settings, reason: str) -> None:
     """Register this GPU as ``failed`` with ``reason`` (best effort: Redis may be the cause)."""
-    from gpu_tasks.app import redis_client
-
     record = GpuRecord(queue=identity.queue, worker=identity.worker, node=identity.node,
                        gpu_index=identity.gpu_index, backend=identity.backend, device_name="",
                        device_uuid="", total_bytes=0, heartbeat_s=settings.heartbeat_s,
                        pid=os.getpid(), state="failed", error=reason)
     try:
-        FleetRegistry(redis_client(settings)).heartbeat(record)
+        FleetRegistry(settings.redis_client()).heartbeat(record)
     except Exception as exc:
         log.warning("could not record the failed start in the fleet registry: %s", exc)
 
@@ -52,14 +50,14 @@ def run_worker(
 ) -> None:
     """Pin, wire the device lifecycle to the pool child, and run the worker (blocks)."""
     pin_to_gpu(identity.gpu_index)
-    from gpu_tasks.app import app, configure, redis_client
+    from gpu_tasks.app import app, configure
 
     configure(settings)
 
     @signals.worker_process_init.connect(weak=False)
     def _open_device(**_: Any) -> None:
         try:
-            rt = DeviceRuntime(identity, settings, redis_client(settings))
+            rt = DeviceRuntime(identity, settings, settings.redis_client())
         except Exception as exc:
             # Keep the child alive so every task answers with the reason, and tell the
             # fleet registry, where `gpu-tasks status` shows it.
