@@ -181,5 +181,7 @@ def launch(
         else:
             scalars[param] = default
     result = spec.body(store.backend, bufs, scalars)
-    result["outputs"] = [params.get(p, params.get("x")) for p in result["outputs"]]
+    # Bodies name their output parameters; callers want buffer names (scale's out
+    # defaults to x inside its body, so read them from ``bufs`` after it ran).
+    result["outputs"] = [bufs[p].name for p in result["outputs"]]
     return {"kernel": kernel, **result}
