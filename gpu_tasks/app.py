@@ -1,24 +1,29 @@
 """The Celery app every producer and worker shares, configured from :mod:`gpu_tasks.settings`.
 
 Producers import it (usually through ``gpu_tasks.tasks``) and call Celery's own
-``apply_async``/``send_task``: the entity router sits in ``task_routes``. Workers
-start from it too (``celery -A gpu_tasks.app worker`` also works, though
-``gpu-tasks worker`` pins the GPU first).
+``apply_async``/``send_task``: the entity router sits in ``task_routes``. GPU workers
+run it too, started by ``gpu-tasks worker --gpu N``, which pins the GPU, takes its
+lease and installs the shard consumption; a plain ``celery -A gpu_tasks.app worker``
+refuses to start, since it would take GPU requests off their queues and could not
+run them.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
-from celery import Celery
+import redis
+from celery import Celery, signals
 from kombu import pools as kombu_pools
 
 from gpu_tasks import errors as _errors  # noqa: F401  (results rebuild these exceptions)
 from gpu_tasks import settings as _settings
+from gpu_tasks.errors import ShardMapError
 from gpu_tasks.routing import EntityRouter
 from gpu_tasks.settings import Settings
-from gpu_tasks.shardmap import ShardMapCache
+from gpu_tasks.shardmap import ShardMapStore
 
 # Where Celery would otherwise fall back to amqp://localhost. The router refuses
 # routed tasks with a clear ConfigError before anything is sent here.
@@ -27,17 +32,23 @@ _UNCONFIGURED_URL = "redis://gpu-tasks-redis-url-not-set.invalid/0"
 app = Celery("gpu_tasks")
 router: EntityRouter
 
+GPU_WORKER_FLAG = "gpu_tasks_gpu_worker"
+"""Set in ``app.conf`` by ``gpu-tasks worker`` (to the GPU it serves) before Celery starts."""
+
 
 def celery_config(settings: Settings, entity_router: EntityRouter) -> dict[str, Any]:
     """Celery settings that follow from ours; one place, so every process agrees."""
     url = settings.redis_url or _UNCONFIGURED_URL
     # The visibility timeout must be the same everywhere Celery reads it and longer
     # than any task, or Redis hands a running task to a second worker.
-    transport = {"visibility_timeout": int(settings.visibility_timeout_s)}
+    transport: dict[str, Any] = {"visibility_timeout": int(settings.visibility_timeout_s)}
+    # One priority step: a shard's requests stay in one list, in order, and a worker
+    # polls one key per shard queue instead of four.
+    broker_transport = {**transport, "priority_steps": [0]}
     return {
         "broker_url": url,
         "result_backend": url,
-        "broker_transport_options": transport,
+        "broker_transport_options": broker_transport,
         "result_backend_transport_options": transport,
         "broker_connection_retry_on_startup": True,
         "task_serializer": "json",
@@ -65,9 +76,36 @@ def configure(settings: Settings) -> None:
     applying its flags. Safe before the app is first used."""
     global router
     _settings.use(settings)
-    router = EntityRouter(ShardMapCache(settings.redis_url, settings.map_refresh_s))
+    router = EntityRouter(shard_count_reader(settings))
     app.conf.update(celery_config(settings, router))
     _drop_connections()
+
+
+def shard_count_reader(settings: Settings) -> Callable[[], int]:
+    """How a producer learns S: one read from Redis, the first time it routes."""
+
+    def read() -> int:
+        client = settings.redis_client()
+        try:
+            return ShardMapStore(client).shard_count()
+        except redis.RedisError as exc:
+            raise ShardMapError(f"cannot read the shard count from Redis: {exc}") from exc
+        finally:
+            client.close()
+
+    return read
+
+
+@signals.celeryd_init.connect(weak=False)
+def _refuse_plain_workers(instance: Any = None, **_: Any) -> None:
+    if instance is None or instance.app is not app:
+        return  # another app's worker
+    if not app.conf.get(GPU_WORKER_FLAG):
+        raise SystemExit(
+            "gpu_tasks.app runs only in GPU workers: start one with `gpu-tasks worker --gpu N`. "
+            "A plain `celery worker` would take GPU requests off their queues and could not "
+            "run them."
+        )
 
 
 def _drop_connections() -> None:

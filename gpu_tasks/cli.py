@@ -23,8 +23,9 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from gpu_tasks.errors import GpuTasksError
+from gpu_tasks.errors import ConfigError, GpuTasksError
 from gpu_tasks.settings import BACKENDS, Settings, parse_size
+from gpu_tasks.shardmap import MAX_SHARDS
 
 F = TypeVar("F", bound=Callable[..., Any])
 console = Console()
@@ -44,6 +45,26 @@ def _app(settings: Settings) -> Any:
 
 def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def _print(renderable: Any) -> None:
+    """Print to the terminal at its width; piped, at whatever width the content needs."""
+    if console.is_terminal:
+        console.print(renderable)
+    else:
+        Console(width=10_000, color_system=None).print(renderable)
+
+
+def _require_worker_extra(command: str) -> None:
+    """Name the extra to install instead of failing on a numpy import deep inside."""
+    import importlib.util
+
+    if importlib.util.find_spec("numpy") is None:
+        raise ConfigError(
+            f"`gpu-tasks {command}` runs GPU workers, which need the worker extra: "
+            "pip install 'gpu-tasks[worker]' (or '.[worker]' in a checkout; "
+            "'gpu-tasks[cuda]' on hosts with NVIDIA GPUs)"
+        )
 
 
 def handle_errors(fn: F) -> F:
@@ -87,20 +108,27 @@ def main(ctx: click.Context, redis_url: str | None, node: str | None) -> None:
 @click.pass_context
 @handle_errors
 def route(ctx: click.Context, entities: tuple[str, ...], as_json: bool) -> None:
-    """Print the shard and GPU queue of each ENTITY."""
-    from gpu_tasks.routing import EntityRouter
-    from gpu_tasks.shardmap import ShardMapCache
+    """Print the shard, queue and owning GPU of each ENTITY."""
+    from dataclasses import replace
+
+    from gpu_tasks.app import shard_count_reader
+    from gpu_tasks.routing import EntityRouter, validate_entity_id
+    from gpu_tasks.shardmap import ShardMapStore
 
     settings = _settings(ctx)
-    router = EntityRouter(ShardMapCache(settings.require_redis_url(), settings.map_refresh_s))
+    for entity in entities:
+        validate_entity_id(entity)
+    shard_map = ShardMapStore(settings.redis_client()).load()
+    router = EntityRouter(shard_count_reader(settings))
     routes = [router.route(e) for e in entities]
+    routes = [replace(r, owner=shard_map.shards[r.shard_index].owner) for r in routes]
     if as_json:
         _emit_json([r.as_dict() for r in routes])
         return
-    table = Table("entity", "shard", "queue")
+    table = Table("entity", "shard = queue", "owner")
     for r in routes:
-        table.add_row(r.entity_id, r.shard, r.queue)
-    console.print(table)
+        table.add_row(r.entity_id, r.shard, r.owner or "[red]none[/]")
+    _print(table)
 
 
 # -- shards -----------------------------------------------------------------------------
@@ -108,19 +136,25 @@ def route(ctx: click.Context, entities: tuple[str, ...], as_json: bool) -> None:
 
 @main.group()
 def shards() -> None:
-    """Create and show the shard map."""
+    """Create and show the shard map (which GPU owns each shard)."""
 
 
 @shards.command("init")
 @click.option(
     "--shards",
     "shard_count",
-    type=click.IntRange(min=1),
-    help="Shard count S (default: $GPU_TASKS_SHARD_COUNT or 1024).",
+    type=click.IntRange(min=1, max=MAX_SHARDS),
+    help="Shard count S (default: $GPU_TASKS_SHARD_COUNT or 1024); fixed for the deployment.",
 )
 @click.option("--gpus", type=click.IntRange(min=1), help="This node's GPUs 0..N-1.")
-@click.option("--queues", help="Comma-separated GPU queues, e.g. gpu.a.0,gpu.b.0.")
+@click.option("--owners", help="Comma-separated GPUs, e.g. gpu.a.0,gpu.a.1,gpu.b.0.")
 @click.option("--force", is_flag=True, help="Replace an existing map (bumps the epoch).")
+@click.option(
+    "--discard-state",
+    is_flag=True,
+    help="With --force while GPU workers run: shards that change owner lose their "
+    "entities' device state (their queued requests follow them).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.pass_context
 @handle_errors
@@ -128,29 +162,35 @@ def shards_init(
     ctx: click.Context,
     shard_count: int | None,
     gpus: int | None,
-    queues: str | None,
+    owners: str | None,
     force: bool,
+    discard_state: bool,
     as_json: bool,
 ) -> None:
-    """Create a balanced shard map over GPU queues."""
-    from gpu_tasks.routing import queue_name
-    from gpu_tasks.shardmap import ShardMap, ShardMapStore
+    """Create a balanced shard map over GPUs."""
+    from gpu_tasks.routing import gpu_queue
+    from gpu_tasks.shardmap import ShardMap, ShardMapStore, replacement_problems
 
     settings = _settings(ctx).replace(shard_count=shard_count)
-    if (gpus is None) == (queues is None):
-        raise click.UsageError("give exactly one of --gpus N or --queues Q1,Q2,...")
+    if (gpus is None) == (owners is None):
+        raise click.UsageError("give exactly one of --gpus N or --owners GPU1,GPU2,...")
     targets = (
-        [queue_name(settings.node, i) for i in range(gpus)]
+        [gpu_queue(settings.node, i) for i in range(gpus)]
         if gpus is not None
-        else [q.strip() for q in (queues or "").split(",") if q.strip()]
+        else [q.strip() for q in (owners or "").split(",") if q.strip()]
     )
-    bad = [q for q in targets if not q.startswith("gpu.") or q.count(".") < 2]
-    if bad:
-        raise click.BadParameter(
-            f"not GPU queues (gpu.<node>.<index>): {', '.join(bad)}", param_hint="--queues"
-        )
-    store = ShardMapStore(settings.redis_client())
-    store.create(ShardMap.balanced(targets, settings.shard_count), force=force)
+    try:
+        new_map = ShardMap.balanced(targets, settings.shard_count)
+    except GpuTasksError as exc:
+        raise click.BadParameter(str(exc), param_hint="--owners/--gpus") from None
+    client = settings.redis_client()
+    store = ShardMapStore(client)
+    if force and store.exists():
+        problems = replacement_problems(client, new_map, discard_state=discard_state)
+        if problems:
+            raise click.ClickException(
+                "not replacing the shard map:\n- " + "\n- ".join(problems))
+    store.create(new_map, force=force)
     _print_map(store.load(), as_json)
 
 
@@ -159,22 +199,23 @@ def shards_init(
 @click.pass_context
 @handle_errors
 def shards_show(ctx: click.Context, as_json: bool) -> None:
-    """Print the shard map: shards per GPU queue and the epoch (--json: every shard)."""
+    """Print the shard map: shards per GPU and the epoch (--json: every shard too)."""
     from gpu_tasks.shardmap import ShardMapStore
 
     _print_map(ShardMapStore(_settings(ctx).redis_client()).load(), as_json)
 
 
 def _print_map(shard_map: Any, as_json: bool) -> None:
+    summary = shard_map.summary()
     if as_json:
-        _emit_json(shard_map.as_dict())
+        _emit_json({**shard_map.as_dict(), "gpus": summary})
         return
-    table = Table(
-        "queue", "shards", title=f"{shard_map.shard_count} shards, epoch {shard_map.epoch}"
-    )
-    for queue, count in sorted(shard_map.shards_per_queue().items()):
-        table.add_row(queue, str(count))
-    console.print(table)
+    table = Table("GPU", "shards", "states",
+                  title=f"{shard_map.shard_count} shards, epoch {shard_map.epoch}")
+    for gpu, row in summary.items():
+        states = ", ".join(f"{n} {state}" for state, n in sorted(row["states"].items()))
+        table.add_row(gpu if gpu != "none" else "[red]no owner[/]", str(row["shards"]), states)
+    _print(table)
 
 
 # -- worker -----------------------------------------------------------------------------
@@ -206,7 +247,9 @@ def worker(
     loglevel: str | None,
     sim_memory: str | None,
 ) -> None:
-    """Run one Celery worker pinned to GPU I, consuming only gpu.<node>.<I>."""
+    """Run one Celery worker pinned to GPU I: it takes GPU I's lease and consumes the queues
+    of the shards the shard map gives gpu.<node>.<I>, plus that GPU's own queue."""
+    _require_worker_extra("worker")
     from workers.backend import resolve_backend
     from workers.boot import run_worker
     from workers.runtime import WorkerIdentity
@@ -275,62 +318,42 @@ def submit(
 # -- status -----------------------------------------------------------------------------
 
 
-def fleet_status(settings: Settings) -> list[dict[str, Any]]:
-    """Each registered GPU with liveness, queue depth and shard count."""
-    from gpu_tasks.errors import ShardMapError
-    from gpu_tasks.fleet import FleetRegistry, queue_depth
-    from gpu_tasks.shardmap import ShardMapStore
-
-    client = settings.redis_client()
-    try:
-        per_queue = ShardMapStore(client).load().shards_per_queue()
-    except ShardMapError:
-        per_queue = {}
-    now = time.time()
-    rows = []
-    for record in FleetRegistry(client).all():
-        rows.append(
-            {
-                **record.as_dict(now),
-                "queue_depth": queue_depth(client, record.queue),
-                "shards": per_queue.get(record.queue, 0),
-            }
-        )
-    return rows
-
-
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.pass_context
 @handle_errors
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Each GPU: alive, heartbeat age, queue depth, memory used/total, entities."""
-    rows = fleet_status(_settings(ctx))
+    """Each GPU: lease, consuming or not, shards, queued requests, memory, entities."""
+    from gpu_tasks.status import snapshot
+
+    fleet = snapshot(_settings(ctx).redis_client())
     if as_json:
-        _emit_json(rows)
+        _emit_json(fleet.as_dict())
         return
-    table = Table("GPU queue", "alive", "beat", "depth", "shards", "MiB used/total",
-                  "entities", "gen", "device", box=box.SIMPLE_HEAD)
-    for r in rows:
+    if not fleet.gpus:
+        console.print("no GPUs: no shard map, no worker registered")
+        return
+    title = (f"{fleet.shard_count} shards, epoch {fleet.epoch}" if fleet.shard_count
+             else "no shard map")
+    table = Table("GPU", "worker", "lease", "consuming", "shards", "queued", "MiB used/total",
+                  "entities", "gen", "device", title=title, box=box.SIMPLE_HEAD)
+    for g in fleet.gpus:
+        d = g.device
         table.add_row(
-            r["queue"],
-            "[green]yes[/]" if r["alive"] else f"[red]{_down(r)}[/]",
-            f"{r['heartbeat_age_s']:.1f}s",
-            str(r["queue_depth"]),
-            str(r["shards"]),
-            f"{_mib(r['used_bytes'])}/{_mib(r['total_bytes'])}",
-            str(r["entities"]),
-            str(r["generation"]),
-            r["device_uuid"],
+            g.gpu,
+            g.worker or "-",
+            f"{g.lease_age_s:.1f}s" if g.alive else "[red]none[/]",
+            "[green]yes[/]" if g.consuming else "[red]NO[/]",
+            str(g.shards),
+            f"[red]{g.queued}[/]" if g.problem else str(g.queued),
+            f"{_mib(d['used_bytes'])}/{_mib(d['total_bytes'])}" if d else "-",
+            str(d.get("entities", "-")),
+            str(d.get("generation", "-")),
+            d.get("device_uuid", "-") or "-",
         )
-    console.print(table if rows else "no GPU workers registered")
-
-
-def _down(row: dict[str, Any]) -> str:
-    """Why a GPU is not alive, briefly."""
-    if row["state"] == "failed":
-        return f"failed: {row['error']}"
-    return "stopped" if row["state"] == "stopped" else "no heartbeat"
+    _print(table)
+    for problem in fleet.problems:
+        console.print(f"[bold red]PROBLEM[/] {problem}", soft_wrap=True)
 
 
 def _mib(n: int) -> str:
@@ -367,14 +390,14 @@ def demo(ctx: click.Context, entity_count: int, timeout_s: float, as_json: bool)
             reports.append(workload.collect(eid, seed, results, timeout_s))
             progress.advance(collecting)
     requests = len(ids) * len(workload.STEPS)
-    queues = {q for r in reports for q in r.queues}
+    gpus = {g for r in reports for g in r.gpus}
     ok = all(r.ok for r in reports)
     if as_json:
         _emit_json(
             {
                 "requests": requests,
                 "entities": len(ids),
-                "gpus": sorted(queues),
+                "gpus": sorted(gpus),
                 "ok": ok,
                 "results": [r.as_dict() for r in reports],
             }
@@ -382,8 +405,8 @@ def demo(ctx: click.Context, entity_count: int, timeout_s: float, as_json: bool)
     else:
         table = Table(
             "entity",
-            "shard",
-            "GPU queue",
+            "shard = queue",
+            "GPU",
             "worker",
             "sum on GPU",
             "expected",
@@ -394,16 +417,16 @@ def demo(ctx: click.Context, entity_count: int, timeout_s: float, as_json: bool)
             row = r.as_dict()
             table.add_row(
                 r.entity_id,
-                r.shard,
                 str(row["queue"]),
+                str(row["gpu"]),
                 str(row["worker"]),
                 str(r.gpu_sum),
                 str(r.expected_sum),
                 "[green]ok[/]" if r.ok else f"[red]{'; '.join(r.errors) or 'wrong'}[/]",
             )
-        console.print(table)
+        _print(table)
         console.print(
-            f"{requests} requests, {len(ids)} entities, {len(queues)} GPUs: "
+            f"{requests} requests, {len(ids)} entities, {len(gpus)} GPUs: "
             + (
                 "every entity stayed on one GPU and every result is right"
                 if ok
@@ -457,6 +480,7 @@ def up(
     once: bool,
 ) -> None:
     """Start Redis (unless configured), GPU workers and Flower; run the demo; stay up."""
+    _require_worker_extra("up")
     from gpu_tasks.cluster import LocalCluster, gpu_tasks_command
     from workers.backend import count_gpus, resolve_backend
 

@@ -22,8 +22,9 @@ from typing import IO
 
 from gpu_tasks.errors import GpuTasksError
 from gpu_tasks.fleet import FleetRegistry
+from gpu_tasks.lease import LeaseStore
 from gpu_tasks.redis_server import RedisServer, free_port
-from gpu_tasks.routing import queue_name
+from gpu_tasks.routing import gpu_queue
 from gpu_tasks.settings import Settings
 from gpu_tasks.shardmap import ShardMap, ShardMapStore
 
@@ -98,7 +99,8 @@ class LocalCluster:
 
     @property
     def queues(self) -> list[str]:
-        return [queue_name(self.settings.node, i) for i in range(self.gpus)]
+        """This cluster's GPUs, by their queue names (``gpu.<node>.<i>``)."""
+        return [gpu_queue(self.settings.node, i) for i in range(self.gpus)]
 
     @property
     def flower_url(self) -> str | None:
@@ -158,8 +160,10 @@ class LocalCluster:
         )
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Until every GPU is alive in the fleet registry and Flower answers."""
-        fleet = FleetRegistry(self.settings.redis_client())
+        """Until every GPU's worker holds its lease and consumes by the current shard map,
+        its device is open, and Flower answers."""
+        client = self.settings.redis_client()
+        fleet, leases, maps = FleetRegistry(client), LeaseStore(client), ShardMapStore(client)
         deadline = time.monotonic() + timeout_s
         started_at = (
             time.time() - timeout_s if not self.workers else min(p.started_at for p in self.workers)
@@ -172,10 +176,12 @@ class LocalCluster:
                         f"{proc.name} exited with {proc.popen.returncode} "
                         f"while starting:\n{proc.log_tail()}"
                     )
+            epoch = maps.epoch()
             for queue in list(pending):
-                record = fleet.get(queue)
-                # A record from an earlier run may still look fresh: it must be this run's.
-                if record is not None and record.alive() and record.started_at >= started_at:
+                lease, record = leases.get(queue), fleet.get(queue)
+                # A record from an earlier run may still be there: it must be this run's.
+                if (lease is not None and lease.epoch == (-1 if epoch is None else epoch)
+                        and record is not None and record.started_at >= started_at):
                     pending.discard(queue)
             if time.monotonic() > deadline:
                 waiting = ", ".join(sorted(pending)) or "flower"

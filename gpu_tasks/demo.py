@@ -2,9 +2,9 @@
 
 Each entity gets a small pipeline of ordinary ``apply_async`` calls: allocate a
 buffer, write values, scale it on the GPU, sum it, read it back, free it. The
-calls for one entity land on one queue, served in order by one worker, so they
-are all sent at once and collected afterwards. The report checks the arithmetic
-and that every entity stayed on one GPU.
+calls for one entity land on its shard's queue, served in order by the one GPU
+that owns the shard, so they are all sent at once and collected afterwards. The
+report checks the arithmetic and that every entity stayed on one GPU.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ class EntityReport:
     expected_sum: float
     shard: str = ""
     queues: set[str] = field(default_factory=set)
+    gpus: set[str] = field(default_factory=set)
     workers: set[str] = field(default_factory=set)
     device: str = ""
     gpu_sum: float | None = None
@@ -36,7 +37,8 @@ class EntityReport:
     def ok(self) -> bool:
         return (
             not self.errors
-            and len(self.queues) == 1
+            and self.queues == {self.shard}
+            and len(self.gpus) == 1
             and self.read_ok
             and self.gpu_sum == self.expected_sum
         )
@@ -45,14 +47,20 @@ class EntityReport:
         return {
             "entity_id": self.entity_id,
             "shard": self.shard,
-            "queue": next(iter(self.queues)) if len(self.queues) == 1 else sorted(self.queues),
-            "worker": next(iter(self.workers)) if len(self.workers) == 1 else sorted(self.workers),
+            "queue": _one(self.queues),
+            "gpu": _one(self.gpus),
+            "worker": _one(self.workers),
             "device": self.device,
             "gpu_sum": self.gpu_sum,
             "expected_sum": self.expected_sum,
             "ok": self.ok,
             "errors": self.errors,
         }
+
+
+def _one(values: set[str]) -> str | list[str]:
+    """The one value, or all of them when there were several (which the report flags)."""
+    return next(iter(values)) if len(values) == 1 else sorted(values)
 
 
 def entity_ids(count: int) -> list[str]:
@@ -90,6 +98,7 @@ def collect(
             continue
         report.shard = value["shard"]
         report.queues.add(value["queue"])
+        report.gpus.add(value["gpu"])
         report.workers.add(value["worker"])
         report.device = value["device"]
         if step == "sum":

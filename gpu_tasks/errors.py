@@ -4,6 +4,7 @@
      +-- ConfigError        bad settings or CLI flags
      +-- RoutingError       refused at submit time; nothing was enqueued
      +-- ShardMapError      the shard map is missing, already exists, or is malformed
+     +-- LeaseHeld          another GPU worker serves this GPU (it holds the GPU's lease)
      +-- RedisServerError   the embedded redis-server could not be started
      +-- DeviceError        raised by a GPU worker; travels back through Celery's result
           +-- BadRequest       a request field is wrong (the field is named)
@@ -25,6 +26,7 @@ __all__ = [
     "ContextPoisoned",
     "DeviceError",
     "GpuTasksError",
+    "LeaseHeld",
     "NoSuchBuffer",
     "OutOfMemory",
     "RedisServerError",
@@ -51,6 +53,10 @@ class RoutingError(GpuTasksError, ValueError):
 
 class ShardMapError(GpuTasksError):
     """The shard map in Redis is missing, already present, or malformed."""
+
+
+class LeaseHeld(GpuTasksError):
+    """A live worker holds the lease of the GPU this worker was started for."""
 
 
 class RedisServerError(GpuTasksError):

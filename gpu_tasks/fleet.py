@@ -1,12 +1,15 @@
-"""The fleet registry: one record per GPU worker in Redis, kept fresh by heartbeats.
+"""The fleet registry: one record per GPU in Redis, with its device and its accounting.
 
 - ``gpu-tasks:fleet``               hash ``gpu.<node>.<i>`` -> JSON record (below)
-- ``gpu-tasks:generation:<queue>``  the GPU's context generation counter
+- ``gpu-tasks:generation:<gpu>``    the GPU's context generation counter
 
 A record holds the worker and device identity (name, UUID or sim id, total
-memory), the latest accounting (used bytes, entities, buffers, generation) and
-``heartbeat_at``. A GPU is alive while its last heartbeat is younger than
-``STALE_AFTER_BEATS`` heartbeat intervals and it has not said it stopped.
+memory), the latest accounting (used bytes, entities, buffers, generation),
+``started_at`` (when the device was opened) and ``heartbeat_at``; the pool child
+that holds the device writes it every ``heartbeat_s``. Whether a GPU is served at
+all is the lease's business (:mod:`gpu_tasks.lease`), judged on Redis's clock by
+the process that fetches its messages; a record only says what the device held
+when last heard of.
 """
 
 from __future__ import annotations
@@ -84,16 +87,3 @@ class FleetRegistry:
         """Every GPU ever registered (dead ones too), sorted by queue."""
         raw = self.client.hgetall(FLEET_KEY)
         return sorted((GpuRecord(**json.loads(v)) for v in raw.values()), key=lambda r: r.queue)
-
-
-# kombu's Redis transport keeps a queue's messages in a list named after the queue,
-# and those of priority p > 0 in "<queue>\x06\x16<p>".
-_PRIORITY_STEPS = (0, 3, 6, 9)
-
-
-def queue_depth(client: redis.Redis, queue: str) -> int:
-    """Messages waiting in ``queue`` (not yet delivered to a worker)."""
-    pipe = client.pipeline(transaction=False)
-    for step in _PRIORITY_STEPS:
-        pipe.llen(queue if step == 0 else f"{queue}\x06\x16{step}")
-    return int(sum(pipe.execute()))

@@ -1,31 +1,46 @@
-"""Where a request goes: entity -> shard -> GPU queue.
+"""Where a request goes: entity -> shard -> the shard's queue.
 
 The hash is part of the contract (other languages route the same way):
-``shard index = xxh64(utf8(entity_id), seed=0) mod S``, named ``shard-{index}``.
+``shard index = xxh64(utf8(entity_id), seed=0) mod S``, named ``shard-{index}``, and
+**the shard's name is the Celery queue** the request goes to. So a producer needs
+only ``S``, which never changes for a deployment: it is read from Redis once per
+process and the routing decision itself makes no Redis call. Which GPU consumes a
+shard's queue is the shard map's business (:mod:`gpu_tasks.shardmap`), not the
+producer's.
+
 :class:`EntityRouter` is installed in the Celery app's ``task_routes``, so a plain
-``task.apply_async(kwargs={"entity_id": ...})`` or ``app.send_task(...)`` is
-routed with no wrapper, and a routed task without a usable ``entity_id`` is
-refused before anything reaches the broker.
+``task.apply_async(kwargs={"entity_id": ...})`` or ``app.send_task(name, ...)`` is
+routed with no wrapper, whether or not the producer imported the task. Every
+request must say where it goes: an ``entity_id`` (its shard) or an explicit GPU
+queue ``gpu.<node>.<index>`` (one GPU: ``stats``, control). Anything else is
+refused before it reaches the broker, so nothing ever lands in Celery's default
+queue, which no GPU worker reads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import re
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import xxhash
 
 from gpu_tasks.errors import RoutingError
-from gpu_tasks.shardmap import ShardMapCache
 
 ENTITY_KWARG = "entity_id"
+"""The one marker of an entity-routed request: this keyword argument."""
+SHARD_PREFIX = "shard-"
 
 ROUTED_TASK_NAMES: set[str] = set()
-"""Names of entity-routed tasks, filled as they are defined (see ``gpu_tasks.task``)."""
+"""Names of tasks defined with ``@gpu_task``, for clearer refusals (``gpu_tasks.task``)."""
 QUEUE_ADDRESSED_TASK_NAMES: set[str] = set()
-"""Names of tasks that must be sent to one GPU's queue with ``queue=`` (``gpu_tasks.stats``)."""
+"""Names of tasks that run on one GPU and are sent with ``queue=`` (``gpu_tasks.stats``)."""
+
 _xxh64 = xxhash.xxh64_intdigest
+_GPU_QUEUE = re.compile(r"gpu\.([^.@\s]+)\.(0|[1-9][0-9]*)\Z")
+_SHARD_QUEUE = re.compile(r"shard-(0|[1-9][0-9]*)\Z")
 
 
 def validate_entity_id(entity_id: object) -> str:
@@ -36,6 +51,13 @@ def validate_entity_id(entity_id: object) -> str:
         )
     if not entity_id:
         raise RoutingError("entity_id must be a non-empty string, got ''")
+    try:
+        entity_id.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RoutingError(
+            f"entity_id must be valid Unicode text (it is hashed as UTF-8), got {entity_id!r}: "
+            f"{exc.reason} at position {exc.start}"
+        ) from None
     return entity_id
 
 
@@ -45,12 +67,26 @@ def shard_index(entity_id: str, shard_count: int) -> int:
 
 
 def shard_name(index: int) -> str:
-    return f"shard-{index}"
+    """A shard's name, which is also the name of its Celery queue: ``shard-<index>``."""
+    return f"{SHARD_PREFIX}{index}"
 
 
-def queue_name(node: str, gpu_index: int) -> str:
-    """The Celery queue of one GPU: ``gpu.<node>.<index>``."""
+def parse_shard_queue(name: str) -> int | None:
+    """The index of shard queue ``shard-<index>``; None for any other name."""
+    match = _SHARD_QUEUE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def gpu_queue(node: str, gpu_index: int) -> str:
+    """The Celery queue of one GPU (stats, control): ``gpu.<node>.<index>``; it also
+    names the GPU in the shard map, the fleet registry and the leases."""
     return f"gpu.{node}.{gpu_index}"
+
+
+def parse_gpu_queue(name: str) -> tuple[str, int] | None:
+    """``(node, index)`` of GPU queue ``gpu.<node>.<index>``; None for any other name."""
+    match = _GPU_QUEUE.match(name)
+    return (match.group(1), int(match.group(2))) if match else None
 
 
 def worker_name(node: str, gpu_index: int) -> str:
@@ -63,9 +99,17 @@ class Route:
     """Where one entity's work goes, as ``gpu-tasks route --json`` prints it."""
 
     entity_id: str
-    shard: str
     shard_index: int
-    queue: str
+    owner: str | None = None
+    """The GPU that owns the shard now (from the shard map), when asked for."""
+
+    @property
+    def shard(self) -> str:
+        return shard_name(self.shard_index)
+
+    @property
+    def queue(self) -> str:
+        return self.shard
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -73,31 +117,46 @@ class Route:
             "shard": self.shard,
             "shard_index": self.shard_index,
             "queue": self.queue,
+            "owner": self.owner,
         }
 
 
-class EntityRouter:
-    """Celery router: sends entity-routed tasks to the queue of their shard's GPU.
+def _queue_option(options: Mapping[str, Any]) -> str | None:
+    """The queue name a caller gave with ``queue=`` (Celery has expanded it to a Queue)."""
+    queue = options.get("queue")
+    if queue is None:
+        return None
+    return queue if isinstance(queue, str) else str(getattr(queue, "name", queue))
 
-    A task is entity-routed when its class says so (``entity_routed = True``, set
-    by :func:`gpu_tasks.task.gpu_task`), when its name is listed in
-    :data:`ROUTED_TASK_NAMES` (so ``send_task`` by name works in a process that never
-    imported the task), or when its kwargs carry an ``entity_id``. Other tasks are
-    left to Celery's other routes.
+
+class EntityRouter:
+    """Celery router: an entity's request goes to its shard's queue; nothing else passes
+    without an explicit GPU queue.
+
+    ``shard_count`` returns S (and raises if it cannot be known); it is called once,
+    on the first routed request, and S is kept for the life of the router.
     """
 
-    def __init__(
-        self, shard_map: ShardMapCache, routed_names: set[str] = ROUTED_TASK_NAMES
-    ) -> None:
-        self.shard_map = shard_map
-        self.routed_names = routed_names
+    def __init__(self, shard_count: Callable[[], int]) -> None:
+        self._read_shard_count = shard_count
+        self._queues: tuple[str, ...] = ()
+        self._count = 0
+        self._lock = threading.Lock()
+
+    @property
+    def shard_count(self) -> int:
+        if not self._count:
+            with self._lock:
+                if not self._count:
+                    count = self._read_shard_count()
+                    self._queues = tuple(shard_name(i) for i in range(count))
+                    self._count = count
+        return self._count
 
     def route(self, entity_id: object) -> Route:
         """Route one entity (raises :class:`RoutingError` for an unusable id)."""
         eid = validate_entity_id(entity_id)
-        cached = self.shard_map.get()
-        index = shard_index(eid, cached.shard_count)
-        return Route(eid, shard_name(index), index, cached.queues[index])
+        return Route(eid, shard_index(eid, self.shard_count))
 
     def __call__(
         self,
@@ -108,27 +167,63 @@ class EntityRouter:
         task: Any = None,
         **_: Any,
     ) -> str | None:
-        # Runs on every apply_async: keep it to a dict lookup, a hash and a list index.
+        # Runs on every apply_async: for the common case (an entity id, no queue given)
+        # it is a dict lookup, a hash and a tuple index.
         entity_id = kwargs.get(ENTITY_KWARG) if kwargs else None
-        if entity_id is None:
-            if not (name in self.routed_names or getattr(task, "entity_routed", False)):
-                if "queue" not in options and (
-                    name in QUEUE_ADDRESSED_TASK_NAMES or getattr(task, "queue_addressed", False)
-                ):
-                    raise RoutingError(
-                        f"task {name} runs on one GPU: send it with "
-                        "queue='gpu.<node>.<index>'; nothing was enqueued"
-                    )
-                return None
-            hint = " (pass it as a keyword argument)" if args else ""
-            raise RoutingError(
-                f"task {name} is routed by entity but was sent without entity_id"
-                f"{hint}; nothing was enqueued"
-            )
-        if entity_id.__class__ is not str or not entity_id:
+        if (
+            entity_id.__class__ is str
+            and entity_id
+            and self._count
+            and "queue" not in options
+            and options.get("routing_key") is None
+            and options.get("exchange") is None
+        ):
             try:
-                validate_entity_id(entity_id)
+                return self._queues[_xxh64(entity_id.encode("utf-8")) % self._count]
+            except UnicodeEncodeError:
+                pass  # the slow path names the problem
+        return self._slow_path(name, args, entity_id, options, task)
+
+    def _slow_path(
+        self, name: str, args: Sequence[Any], entity_id: object, options: Mapping[str, Any],
+        task: Any,
+    ) -> str | None:
+        """Everything but a plain entity request: explain refusals, accept explicit queues."""
+        for option in ("exchange", "routing_key"):
+            if options.get(option) is not None:
+                raise RoutingError(
+                    f"task {name}: gpu-tasks routes by queue, so {option}= cannot be given "
+                    f"(got {options[option]!r}); nothing was enqueued"
+                )
+        queue = _queue_option(options)
+        if entity_id is not None:
+            try:
+                eid = validate_entity_id(entity_id)
             except RoutingError as exc:
                 raise RoutingError(f"task {name}: {exc}; nothing was enqueued") from None
-        cached = self.shard_map.get()
-        return cached.queues[_xxh64(entity_id.encode("utf-8")) % cached.shard_count]
+            index = shard_index(eid, self.shard_count)  # reads S on first use
+            shard_queue = self._queues[index]
+            if queue is not None and queue != shard_queue:
+                raise RoutingError(
+                    f"task {name} for entity {eid!r} goes to its shard's queue {shard_queue}, "
+                    f"not queue={queue!r}: leave queue= out; nothing was enqueued"
+                )
+            return shard_queue
+        if queue is not None and parse_gpu_queue(queue) is not None:
+            return None  # addressed to one GPU; Celery keeps the caller's queue
+        if name in ROUTED_TASK_NAMES or getattr(task, "entity_routed", False):
+            hint = " (pass it as a keyword argument)" if args else ""
+            raise RoutingError(
+                f"task {name} is routed by entity but was sent without entity_id{hint}; "
+                "nothing was enqueued"
+            )
+        where = f"queue={queue!r} is not a GPU queue" if queue is not None else "no queue"
+        if name in QUEUE_ADDRESSED_TASK_NAMES or getattr(task, "queue_addressed", False):
+            raise RoutingError(
+                f"task {name} runs on one GPU: send it with queue='gpu.<node>.<index>' "
+                f"({where}); nothing was enqueued"
+            )
+        raise RoutingError(
+            f"task {name} was sent with neither entity_id= (routes it to its shard) nor "
+            f"queue='gpu.<node>.<index>' (one GPU) ({where}); nothing was enqueued"
+        )

@@ -71,10 +71,18 @@ class Settings:
     """Capacity of each simulated GPU."""
     entity_memory_bytes: int = 0
     """Most device memory one entity may hold on a GPU; 0 means no quota."""
-    map_refresh_s: float = 1.0
-    """How stale a producer's cached shard map may get before it checks the epoch."""
+    lease_ttl_s: float = 10.0
+    """How long a GPU worker's lease on its GPU lasts unless renewed. A worker that stops
+    renewing it (killed, frozen, cut off from Redis) stops executing and counts as gone
+    after this; a restarted worker on another host waits at most this long to take over."""
+    map_poll_s: float = 0.5
+    """How often a GPU worker's main process renews its lease and checks the shard map's
+    epoch: it starts and stops consuming shard queues within this plus one BRPOP (1 s)."""
     heartbeat_s: float = 2.0
-    """How often a worker writes its fleet-registry heartbeat."""
+    """How often a worker writes its device accounting to the fleet registry."""
+    redis_timeout_s: float = 5.0
+    """Connect and socket timeout of gpu-tasks' own Redis clients (shard map, leases,
+    fleet registry): a hung Redis fails those calls instead of blocking them."""
     task_time_limit_s: float = 300.0
     """Hard time limit of one device task; the pool child is replaced past it."""
     visibility_timeout_s: float = 3600.0
@@ -101,7 +109,13 @@ class Settings:
                 f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed "
                 f"task_time_limit_s ({self.task_time_limit_s}), or Redis redelivers running tasks"
             )
-        for name in ("map_refresh_s", "heartbeat_s", "task_time_limit_s", "sim_memory_bytes"):
+        if self.map_poll_s * 4 > self.lease_ttl_s:
+            raise ConfigError(
+                f"lease_ttl_s ({self.lease_ttl_s}) must be at least 4 x map_poll_s "
+                f"({self.map_poll_s}): the lease is renewed every map_poll_s"
+            )
+        for name in ("lease_ttl_s", "map_poll_s", "heartbeat_s", "redis_timeout_s",
+                     "task_time_limit_s", "sim_memory_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
 
@@ -138,8 +152,13 @@ class Settings:
         return {**os.environ, **self.to_env()}
 
     def redis_client(self) -> redis.Redis:
-        """A client for the deployment's Redis (shard map, fleet registry, queues)."""
-        return redis.Redis.from_url(self.require_redis_url())
+        """A client for the deployment's Redis (shard map, leases, fleet registry, queues),
+        with :attr:`redis_timeout_s` as its connect and socket timeout."""
+        return redis.Redis.from_url(
+            self.require_redis_url(),
+            socket_timeout=self.redis_timeout_s,
+            socket_connect_timeout=self.redis_timeout_s,
+        )
 
     def require_redis_url(self) -> str:
         if not self.redis_url:
@@ -162,7 +181,8 @@ def env_name(field_name: str) -> str:
 
 _INT_FIELDS = {"shard_count"}
 _SIZE_FIELDS = {"sim_memory_bytes", "entity_memory_bytes"}
-_FLOAT_FIELDS = {"map_refresh_s", "heartbeat_s", "task_time_limit_s", "visibility_timeout_s"}
+_FLOAT_FIELDS = {"lease_ttl_s", "map_poll_s", "heartbeat_s", "redis_timeout_s",
+                 "task_time_limit_s", "visibility_timeout_s"}
 
 
 def _convert(name: str, raw: str) -> Any:

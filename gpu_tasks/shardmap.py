@@ -1,36 +1,46 @@
-"""The shard map: which GPU queue owns each shard, kept in Redis with an epoch.
+"""The shard map: which GPU owns each shard, kept in Redis with an epoch.
+
+The entity -> shard function never changes (:mod:`gpu_tasks.routing`); only shard ->
+GPU does, and a shard's queued requests stay in its own queue while it does. GPU
+workers read the map to know which shard queues to consume; producers never read
+it (they need only ``S``).
 
 Layout in Redis (one deployment per Redis database):
 
-- ``gpu-tasks:shardmap``       hash ``shard-<i>`` -> ``gpu.<node>.<gpu>``
-- ``gpu-tasks:shardmap:meta``  hash ``shard_count``, ``epoch``
+- ``gpu-tasks:shardmap:meta``  hash ``shard_count`` (S, fixed when the map is created)
+  and ``epoch`` (one more on every change)
+- ``gpu-tasks:shardmap``       hash ``shard-<i>`` -> JSON ``{"owner": "gpu.<node>.<j>",
+  "state": "owned"}``
 
-Every change goes through a Lua script, so the map and its epoch change together
-and the epoch increases on every change. Producers keep a :class:`ShardMapCache`
-and look at the epoch at most once per ``map_refresh_s``.
+Every change goes through a Lua script, so the map and its epoch change together.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
-from collections import Counter
+import json
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from gpu_tasks.errors import ConfigError, ShardMapError
-
-log = logging.getLogger(__name__)
+from gpu_tasks.errors import ShardMapError
+from gpu_tasks.routing import parse_gpu_queue, shard_name
 
 NO_MAP = ("no shard map in Redis: create one with `gpu-tasks shards init --gpus N` "
-          "(or `--queues Q1,Q2`)")
+          "(or `--owners gpu.<node>.<i>,...`)")
+
+MAX_SHARDS = 1 << 16
+"""Most shards a deployment may have (a GPU worker keeps one byte per shard)."""
 
 MAP_KEY = "gpu-tasks:shardmap"
 META_KEY = "gpu-tasks:shardmap:meta"
+
+STATES: Mapping[str, str] = {
+    "owned": "its owner consumes the shard's queue and holds its entities' state",
+}
+"""Each state a shard can be in, and who consumes its queue in it."""
 
 _INIT = """
 if ARGV[1] ~= '1' and redis.call('EXISTS', KEYS[2]) == 1 then
@@ -59,37 +69,98 @@ return redis.call('HINCRBY', KEYS[2], 'epoch', 1)
 """
 
 
+def check_gpu(gpu: str) -> str:
+    """``gpu`` if it names a GPU (``gpu.<node>.<index>``), else :class:`ShardMapError`."""
+    if parse_gpu_queue(gpu) is None:
+        raise ShardMapError(f"{gpu!r} does not name a GPU: expected gpu.<node>.<index>")
+    return gpu
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard's entry: its owner and its state."""
+
+    owner: str | None
+    state: str = "owned"
+
+    @property
+    def consumer(self) -> str | None:
+        """The GPU that consumes this shard's queue now, or None: the one place that
+        decides it, for workers and for ``status`` alike."""
+        return self.owner if self.state == "owned" else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"owner": self.owner, "state": self.state}
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str, name: str) -> Shard:
+        try:
+            data = json.loads(raw)
+            shard = cls(data["owner"], data["state"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ShardMapError(f"shard map is malformed: {name} is {raw!r} ({exc})") from None
+        if shard.state not in STATES:
+            raise ShardMapError(f"shard map is malformed: {name} has unknown state {shard.state!r}")
+        return shard
+
+
 @dataclass(frozen=True)
 class ShardMap:
-    """One consistent snapshot: ``queues[i]`` owns ``shard-i``."""
+    """One consistent snapshot: ``shards[i]`` is ``shard-i``."""
 
     shard_count: int
     epoch: int
-    queues: tuple[str, ...]
+    shards: tuple[Shard, ...]
 
     @classmethod
-    def balanced(cls, queues: Sequence[str], shard_count: int, epoch: int = 0) -> ShardMap:
-        """Shard i goes to ``queues[i % len(queues)]``: every queue within one shard of even."""
-        if not queues:
-            raise ShardMapError("a shard map needs at least one GPU queue")
-        if len(set(queues)) != len(queues):
-            raise ShardMapError(f"GPU queues must be distinct, got {list(queues)}")
-        if shard_count < len(queues):
+    def balanced(cls, owners: Sequence[str], shard_count: int, epoch: int = 0) -> ShardMap:
+        """Shard i goes to ``owners[i % len(owners)]``: every GPU within one shard of even."""
+        if not owners:
+            raise ShardMapError("a shard map needs at least one GPU")
+        for owner in owners:
+            check_gpu(owner)
+        if len(set(owners)) != len(owners):
+            raise ShardMapError(f"GPUs must be distinct, got {list(owners)}")
+        if shard_count < len(owners):
             raise ShardMapError(
-                f"{shard_count} shards cannot cover {len(queues)} GPU queues; use more shards"
+                f"{shard_count} shards cannot cover {len(owners)} GPUs; use more shards"
             )
-        return cls(shard_count, epoch, tuple(queues[i % len(queues)] for i in range(shard_count)))
+        if shard_count > MAX_SHARDS:
+            raise ShardMapError(f"{shard_count} shards is more than the {MAX_SHARDS} supported")
+        return cls(
+            shard_count, epoch, tuple(Shard(owners[i % len(owners)]) for i in range(shard_count))
+        )
+
+    def consumed_by(self, gpu: str) -> list[int]:
+        """Indices of the shards whose queues ``gpu`` consumes, ascending."""
+        return [i for i, shard in enumerate(self.shards) if shard.consumer == gpu]
+
+    def by_owner(self) -> dict[str | None, list[int]]:
+        """Shard indices per owner (None: shards nobody owns)."""
+        owned: dict[str | None, list[int]] = defaultdict(list)
+        for i, shard in enumerate(self.shards):
+            owned[shard.owner].append(i)
+        return dict(owned)
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per owner ("none" for shards without one): how many shards, in which states."""
+        rows: dict[str, dict[str, Any]] = {}
+        for shard in self.shards:
+            row = rows.setdefault(shard.owner or "none", {"shards": 0, "states": {}})
+            row["shards"] += 1
+            row["states"][shard.state] = row["states"].get(shard.state, 0) + 1
+        return dict(sorted(rows.items()))
 
     def as_dict(self) -> dict[str, Any]:
         """The ``shards show --json`` form."""
         return {
             "shard_count": self.shard_count,
             "epoch": self.epoch,
-            "shards": {f"shard-{i}": q for i, q in enumerate(self.queues)},
+            "shards": {shard_name(i): s.as_dict() for i, s in enumerate(self.shards)},
         }
-
-    def shards_per_queue(self) -> dict[str, int]:
-        return dict(Counter(self.queues))
 
 
 class ShardMapStore:
@@ -107,13 +178,14 @@ class ShardMapStore:
         """
         try:
             epoch = self._init(
-                keys=[MAP_KEY, META_KEY], args=["1" if force else "0", *shard_map.queues]
+                keys=[MAP_KEY, META_KEY],
+                args=["1" if force else "0", *(s.to_json() for s in shard_map.shards)],
             )
         except redis.ResponseError as exc:
             if "EXISTS" in str(exc):
                 raise ShardMapError(
                     "a shard map already exists; `gpu-tasks shards show` prints it, and "
-                    "`shards init --force` replaces it (entities on moved shards lose their state)"
+                    "`shards init --force` replaces it"
                 ) from None
             raise
         return int(epoch)
@@ -121,10 +193,12 @@ class ShardMapStore:
     def assign(
         self, moves: Mapping[int, str], pipeline: redis.client.Pipeline | None = None
     ) -> Any:
-        """Give each shard index in ``moves`` to its new queue and bump the epoch, atomically."""
+        """Give each shard index in ``moves`` to its new owner and bump the epoch, atomically.
+
+        This changes ownership only: the entities' device state stays where it was."""
         args: list[str | int] = []
-        for index, queue in moves.items():
-            args += [index, queue]
+        for index, owner in moves.items():
+            args += [index, Shard(check_gpu(owner)).to_json()]
         try:
             return self._assign(keys=[MAP_KEY, META_KEY], args=args, client=pipeline)
         except redis.ResponseError as exc:
@@ -146,64 +220,61 @@ class ShardMapStore:
         pipe = self.client.pipeline(transaction=True)
         pipe.hgetall(META_KEY)
         pipe.hgetall(MAP_KEY)
-        meta, shards = pipe.execute()
+        meta, entries = pipe.execute()
         if not meta:
             raise ShardMapError(NO_MAP)
         count = int(meta[b"shard_count"])
-        queues = []
+        shards = []
         for i in range(count):
-            queue = shards.get(f"shard-{i}".encode())
-            if queue is None:
-                raise ShardMapError(f"shard map is malformed: shard-{i} has no GPU queue")
-            queues.append(queue.decode())
-        return ShardMap(count, int(meta[b"epoch"]), tuple(queues))
+            name = shard_name(i)
+            raw = entries.get(name.encode())
+            if raw is None:
+                raise ShardMapError(f"shard map is malformed: {name} has no entry")
+            shards.append(Shard.from_json(raw, name))
+        return ShardMap(count, int(meta[b"epoch"]), tuple(shards))
 
     def exists(self) -> bool:
         return bool(self.client.exists(META_KEY))
 
 
-class ShardMapCache:
-    """A producer's copy of the shard map, refreshed when its epoch changes.
+def replacement_problems(client: redis.Redis, new_map: ShardMap, *,
+                         discard_state: bool = False) -> list[str]:
+    """Why replacing the stored map by ``new_map`` would lose work or state (empty: safe).
 
-    :meth:`get` costs one clock read while the copy is fresh; once per
-    ``refresh_s`` it reads the epoch from Redis (and the whole map if the epoch
-    moved). If Redis cannot be reached, the last copy keeps serving: the broker
-    publish that follows reports the outage.
-    """
+    GPU workers that hold leases hold their shards' device state: replacing the map
+    under them moves shards without it, so that takes ``discard_state``. Changing S
+    moves every entity to another shard: only with no worker running, and never while
+    requests wait in shard queues that the new map would not have."""
+    from gpu_tasks.lease import LeaseStore  # it reads this module's keys
 
-    def __init__(self, redis_url: str | None, refresh_s: float = 1.0) -> None:
-        self.redis_url = redis_url
-        self.refresh_s = refresh_s
-        self._store: ShardMapStore | None = None
-        self._map: ShardMap | None = None
-        self._next_check = 0.0
-        self._lock = threading.Lock()
-
-    def get(self) -> ShardMap:
-        cached = self._map
-        if cached is not None and time.monotonic() < self._next_check:
-            return cached
-        with self._lock:
-            return self._refresh()
-
-    def _refresh(self) -> ShardMap:
-        now = time.monotonic()
-        cached = self._map
-        if cached is not None and now < self._next_check:
-            return cached  # another thread refreshed while we waited
-        if self._store is None:
-            if not self.redis_url:
-                raise ConfigError(
-                    "no Redis configured: set GPU_TASKS_REDIS_URL (or pass --redis-url) "
-                    "so routed tasks can find the shard map"
-                )
-            self._store = ShardMapStore(redis.Redis.from_url(self.redis_url))
-        try:
-            if cached is None or self._store.epoch() != cached.epoch:
-                cached = self._map = self._store.load()
-        except redis.RedisError as exc:
-            if cached is None:
-                raise ShardMapError(f"cannot read the shard map from Redis: {exc}") from exc
-            log.warning("shard map refresh failed (%s); routing with epoch %d", exc, cached.epoch)
-        self._next_check = now + self.refresh_s
-        return cached
+    problems = []
+    live = {gpu: lease for gpu, lease in LeaseStore(client).all().items() if lease}
+    old = ShardMapStore(client).load()
+    if live and old.shard_count != new_map.shard_count:
+        problems.append(
+            f"S would change from {old.shard_count} to {new_map.shard_count} while GPU workers "
+            f"run ({', '.join(sorted(live))}); S is fixed for a deployment's life (producers "
+            "keep it too): stop every worker and producer first"
+        )
+    elif live and not discard_state:
+        moving = sum(1 for i, shard in enumerate(new_map.shards)
+                     if i < old.shard_count and old.shards[i].owner != shard.owner)
+        problems.append(
+            f"GPU workers hold leases ({', '.join(x.describe() for x in live.values())}) and "
+            f"{moving} shards would change owner without their entities' device state: "
+            "stop the workers first, or pass --discard-state to accept that loss"
+        )
+    if new_map.shard_count < old.shard_count:
+        pipe = client.pipeline(transaction=False)
+        gone = [shard_name(i) for i in range(new_map.shard_count, old.shard_count)]
+        for name in gone:
+            pipe.llen(name)
+        waiting = {name: n for name, n in zip(gone, pipe.execute(), strict=True) if n}
+        if waiting:
+            problems.append(
+                f"{sum(waiting.values())} requests wait in {len(waiting)} shard queues that a "
+                f"map of {new_map.shard_count} shards would leave unconsumed "
+                f"({', '.join(list(waiting)[:5])}{', ...' if len(waiting) > 5 else ''}): "
+                "let them drain first"
+            )
+    return problems

@@ -12,33 +12,65 @@
 
     normalize.apply_async(kwargs={"entity_id": "user-42", "name": "emb"})
 
-The body's first parameter is the entity's :class:`workers.runtime.EntityContext`
-(its buffers, the device, the generation); callers pass everything else as
-keyword arguments plus ``entity_id``. The router sends the task to the queue of
-the GPU owning the entity's shard. The task's result is a JSON object saying
-where it ran (``entity_id``, ``shard``, ``queue``, ``worker``, ``device``,
-``generation``) with the body's return value under ``result``.
+The body's first parameter is the entity's context (``workers.runtime.EntityContext``:
+its buffers, the device, the generation); callers pass everything else as keyword
+arguments plus ``entity_id``. The router sends the task to the queue of the entity's
+shard, which the GPU owning that shard consumes. The task's result is a JSON object
+saying where it ran (``entity_id``, ``shard``, ``queue``, ``gpu``, ``worker``,
+``device``, ``generation``) with the body's return value under ``result``.
 
 Workers must import the module defining the task: ``gpu-tasks worker --import
 myapp.tasks`` (or ``GPU_TASKS_IMPORTS``).
+
+This module only declares. A task body runs through the executor that a GPU
+worker's boot installs (:func:`install_executor`); anywhere else a GPU task fails
+with a clear :class:`~gpu_tasks.errors.DeviceError`, so producers never import GPU
+code.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any, TypeVar, overload
+from typing import Any, Protocol, TypeVar, overload
 
 from celery import Task
 
 from gpu_tasks.errors import DeviceError
-from gpu_tasks.routing import ENTITY_KWARG, ROUTED_TASK_NAMES
+from gpu_tasks.routing import ENTITY_KWARG, QUEUE_ADDRESSED_TASK_NAMES, ROUTED_TASK_NAMES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class Executor(Protocol):
+    """Runs one GPU task body on this process's GPU: ``entity_id`` is None for a task
+    addressed to the GPU's own queue."""
+
+    def __call__(self, task: Any, body: Callable[..., Any], entity_id: object,
+                 args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any: ...
+
+
+_executor: Executor | None = None
+
+
+def install_executor(executor: Executor | None) -> None:
+    """Make ``executor`` run every GPU task body in this process (a GPU worker's boot)."""
+    global _executor
+    _executor = executor
+
+
+def _execute(task: Any, body: Callable[..., Any], entity_id: object,
+             args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if _executor is None:
+        raise DeviceError(
+            f"task {task.name} runs only in a GPU worker (`gpu-tasks worker --gpu N`); "
+            "this process has no GPU"
+        )
+    return _executor(task, body, entity_id, args, kwargs)
+
+
 class GpuTask(Task):  # type: ignore[misc]
-    """Base class of entity-routed tasks; the router looks for ``entity_routed``."""
+    """Base class of entity-routed tasks (the router names them in its refusals)."""
 
     entity_routed = True
     throws = (DeviceError,)  # answers, not worker faults: logged without a traceback
@@ -52,13 +84,15 @@ class GpuQueueTask(Task):  # type: ignore[misc]
 
     queue_addressed = True
     throws = (DeviceError,)
+    flat_result = True
+    body: Callable[..., Any]
 
 
-def _celery_signature(fn: Callable[..., Any]) -> inspect.Signature:
-    """The body's parameters minus the context, plus ``entity_id``: Celery checks calls
-    against it at submit time, so a misspelled argument fails before it is enqueued."""
+def _celery_signature(fn: Callable[..., Any], entity: bool) -> inspect.Signature:
+    """The body's parameters minus the context (plus ``entity_id`` for entity tasks):
+    Celery checks calls against it at submit time, so a misspelled argument fails
+    before it is enqueued."""
     params = list(inspect.signature(fn).parameters.values())[1:]
-    entity = inspect.Parameter(ENTITY_KWARG, inspect.Parameter.KEYWORD_ONLY, default=None)
     self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
     positional = [
         p
@@ -67,7 +101,38 @@ def _celery_signature(fn: Callable[..., Any]) -> inspect.Signature:
     ]
     keyword = [p for p in params if p.kind == p.KEYWORD_ONLY]
     varkw = [p for p in params if p.kind == p.VAR_KEYWORD]
-    return inspect.Signature([self_param, *positional, entity, *keyword, *varkw])
+    extra = (
+        [inspect.Parameter(ENTITY_KWARG, inspect.Parameter.KEYWORD_ONLY, default=None)]
+        if entity
+        else []
+    )
+    return inspect.Signature([self_param, *positional, *extra, *keyword, *varkw])
+
+
+def _declare(body: F, name: str | None, base: type[Task], entity: bool,
+             options: dict[str, Any]) -> Any:
+    # Imported here, not at the top: gpu_tasks.app imports the built-in tasks, which
+    # use this decorator, so a module-level import would be circular.
+    from gpu_tasks.app import app
+
+    flat = options.pop("flat_result", base.flat_result)
+
+    if entity:
+        def run(self: Task, *args: Any, entity_id: Any = None, **kwargs: Any) -> Any:
+            return _execute(self, body, entity_id, args, kwargs)
+    else:
+        def run(self: Task, *args: Any, **kwargs: Any) -> Any:
+            return _execute(self, body, None, args, kwargs)
+
+    run.__name__ = body.__name__
+    run.__qualname__ = body.__qualname__
+    run.__module__ = body.__module__
+    run.__doc__ = body.__doc__
+    run.__signature__ = _celery_signature(body, entity)  # type: ignore[attr-defined]
+    task = app.task(run, bind=True, base=base, name=name, body=staticmethod(body),
+                    flat_result=flat, **options)
+    (ROUTED_TASK_NAMES if entity else QUEUE_ADDRESSED_TASK_NAMES).add(task.name)
+    return task
 
 
 @overload
@@ -83,32 +148,16 @@ def gpu_task(fn: F | None = None, /, *, name: str | None = None, **options: Any)
     """
 
     def decorate(body: F) -> Any:
-        # Imported here, not at the top: gpu_tasks.app imports the built-in tasks, which
-        # use this decorator, so a module-level import would be circular.
-        from gpu_tasks.app import app
-
-        flat = options.pop("flat_result", False)
-
-        def run(self: GpuTask, *args: Any, entity_id: Any = None, **kwargs: Any) -> Any:
-            from workers.runtime import execute  # GPU side only; producers never import it
-
-            return execute(self, body, entity_id, args, kwargs)
-
-        run.__name__ = body.__name__
-        run.__qualname__ = body.__qualname__
-        run.__module__ = body.__module__
-        run.__doc__ = body.__doc__
-        run.__signature__ = _celery_signature(body)  # type: ignore[attr-defined]
-        task = app.task(
-            run,
-            bind=True,
-            base=GpuTask,
-            name=name,
-            body=staticmethod(body),
-            flat_result=flat,
-            **options,
-        )
-        ROUTED_TASK_NAMES.add(task.name)
-        return task
+        return _declare(body, name, GpuTask, True, options)
 
     return decorate(fn) if fn is not None else decorate
+
+
+def gpu_queue_task(*, name: str, **options: Any) -> Callable[[F], Any]:
+    """Turn ``fn(gpu, ...)`` into a task for one GPU's own queue: callers send it with
+    ``queue="gpu.<node>.<index>"``; the body gets that GPU's context."""
+
+    def decorate(body: F) -> Any:
+        return _declare(body, name, GpuQueueTask, False, options)
+
+    return decorate

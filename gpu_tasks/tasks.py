@@ -1,22 +1,23 @@
 """The built-in device tasks, routed by entity (``stats`` goes to one GPU's queue).
 
 Every result is a JSON object that says where it ran: ``entity_id``, ``shard``,
-``queue``, ``worker``, ``device``, ``generation``. Buffers are named per entity;
-``generation`` (optional on every buffer task) is the context generation a caller
-saw when it allocated: a mismatch fails with ``StaleHandle``. Device errors come
-back as the exceptions in :mod:`gpu_tasks.errors`.
+``queue`` (the shard's queue), ``gpu``, ``worker``, ``device``, ``generation``.
+Buffers are named per entity; ``generation`` (optional on every buffer task) is the
+context generation a caller saw when it allocated: a mismatch fails with
+``StaleHandle``. Device errors come back as the exceptions in :mod:`gpu_tasks.errors`.
 
-The bodies are thin: the work is in :mod:`workers.handlers`, imported lazily on
-the GPU side so producers stay light.
+These are declarations (names, signatures, documentation): the GPU worker's boot
+installs their implementations, :mod:`workers.handlers`, so producers stay light.
 """
+
+# The bodies here are declarations: a GPU worker runs workers.handlers instead.
+# mypy: disable-error-code="empty-body"
 
 from __future__ import annotations
 
 from typing import Any
 
-from gpu_tasks.app import app
-from gpu_tasks.routing import QUEUE_ADDRESSED_TASK_NAMES
-from gpu_tasks.task import GpuQueueTask, gpu_task
+from gpu_tasks.task import gpu_queue_task, gpu_task
 
 __all__ = ["alloc", "free", "read", "run", "stats", "write"]
 
@@ -24,9 +25,6 @@ __all__ = ["alloc", "free", "read", "run", "stats", "write"]
 @gpu_task(name="gpu_tasks.alloc", flat_result=True)
 def alloc(gpu: Any, name: str, shape: list[int] | int, dtype: str = "float32") -> dict[str, Any]:
     """A zeroed device buffer ``name`` owned by the entity (replacing one of that name)."""
-    from workers import handlers
-
-    return handlers.alloc(gpu, name, shape, dtype)
 
 
 @gpu_task(name="gpu_tasks.write", flat_result=True)
@@ -40,9 +38,6 @@ def write(
 ) -> dict[str, Any]:
     """Host -> device: ``values`` (a flat list) or ``data_b64`` (raw bytes of the buffer's
     dtype, little-endian) written from element ``offset``."""
-    from workers import handlers
-
-    return handlers.write(gpu, name, values, data_b64, offset, generation)
 
 
 @gpu_task(name="gpu_tasks.read", flat_result=True)
@@ -50,17 +45,11 @@ def read(
     gpu: Any, name: str, as_list: bool = False, generation: int | None = None
 ) -> dict[str, Any]:
     """Device -> host: ``dtype``, ``shape``, ``data_b64``, and ``values`` if ``as_list``."""
-    from workers import handlers
-
-    return handlers.read(gpu, name, as_list, generation)
 
 
 @gpu_task(name="gpu_tasks.free", flat_result=True)
 def free(gpu: Any, name: str | None = None) -> dict[str, Any]:
     """Free buffer ``name``, or every buffer of the entity when no name is given."""
-    from workers import handlers
-
-    return handlers.free(gpu, name)
 
 
 @gpu_task(name="gpu_tasks.run", flat_result=True)
@@ -68,18 +57,10 @@ def run(gpu: Any, kernel: str, generation: int | None = None, **params: Any) -> 
     """Launch a named kernel on the entity's buffers: ``fill(out, value)``,
     ``scale(x, alpha, out=x)``, ``axpy(x, y, alpha=1)``, ``sum(x)``,
     ``sgemm(a, b, c, alpha=1, beta=0)``; buffer parameters take buffer names."""
-    from workers import handlers
-
-    return handlers.run(gpu, kernel, generation, params)
 
 
-@app.task(name="gpu_tasks.stats", base=GpuQueueTask)
-def stats() -> dict[str, Any]:
-    """This GPU's free/total bytes, buffers, entities and generation.
+@gpu_queue_task(name="gpu_tasks.stats")
+def stats(gpu: Any) -> dict[str, Any]:
+    """This GPU's free/total bytes, buffers, entities, owned shards and generation.
     Send it to a GPU's queue: ``stats.apply_async(queue="gpu.<node>.<i>")``."""
-    from workers import handlers
 
-    return handlers.stats()
-
-
-QUEUE_ADDRESSED_TASK_NAMES.add(stats.name)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import redis
@@ -34,7 +36,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 def settings(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     """Settings of the session cluster (database 0 of the session Redis)."""
     return Settings(redis_url=redis_server.url, node=NODE, sim_memory_bytes=SIM_MEMORY,
-                    heartbeat_s=0.5, fault_injection=True, imports=("tests.usertasks",),
+                    heartbeat_s=0.5, lease_ttl_s=3.0, map_poll_s=0.25, fault_injection=True,
+                    imports=("tests.usertasks",),
                     data_dir=str(tmp_path_factory.mktemp("gpu-tasks")))
 
 
@@ -69,3 +72,22 @@ def gpu_tasks_cli(*args: str, env: dict[str, str] | None = None,
     """Run the ``gpu-tasks`` CLI in a child process, as a user would."""
     return subprocess.run([sys.executable, "-m", "gpu_tasks.cli", *args], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
+
+
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.05,
+               what: str | Callable[[], str] = "") -> T:
+    """Poll ``condition`` until it returns something true, and return that; fail with
+    ``what`` (or its result) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            detail = what() if callable(what) else what
+            raise AssertionError(f"still not so after {timeout}s" + (f": {detail}" if detail
+                                                                      else ""))
+        time.sleep(interval)

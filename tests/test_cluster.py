@@ -14,12 +14,12 @@ import pytest
 
 from gpu_tasks.cluster import LocalCluster
 from gpu_tasks.errors import BadRequest, ContextPoisoned, NoSuchBuffer, OutOfMemory, StaleHandle
-from gpu_tasks.routing import EntityRouter
+from gpu_tasks.routing import shard_index, shard_name
 from gpu_tasks.settings import Settings
-from gpu_tasks.shardmap import ShardMapCache
+from gpu_tasks.shardmap import ShardMapStore
 from gpu_tasks.tasks import alloc, free, read, run, stats, write
 from tests import usertasks
-from tests.conftest import GPUS, NODE, SIM_MEMORY, gpu_tasks_cli
+from tests.conftest import GPUS, NODE, SIM_MEMORY, gpu_tasks_cli, wait_until
 
 TIMEOUT = 30
 
@@ -28,12 +28,22 @@ def call(task: Any, **kwargs: Any) -> Any:
     return task.apply_async(kwargs=kwargs).get(timeout=TIMEOUT)
 
 
+def owner_of(cluster: LocalCluster, entity: str) -> str:
+    """The GPU that owns ``entity``'s shard now, per the shard map."""
+    shard_map = ShardMapStore(cluster.settings.redis_client()).load()
+    owner = shard_map.shards[shard_index(entity, shard_map.shard_count)].owner
+    assert owner is not None
+    return owner
+
+
 def entity_on(cluster: LocalCluster, gpu: int, prefix: str) -> str:
     """An entity id whose shard belongs to GPU ``gpu``."""
-    router = EntityRouter(ShardMapCache(cluster.settings.redis_url))
+    shard_map = ShardMapStore(cluster.settings.redis_client()).load()
     for i in range(10_000):
-        if router.route(f"{prefix}-{i}").queue == f"gpu.{NODE}.{gpu}":
-            return f"{prefix}-{i}"
+        entity = f"{prefix}-{i}"
+        if shard_map.shards[shard_index(entity, shard_map.shard_count)].owner == (
+                f"gpu.{NODE}.{gpu}"):
+            return entity
     raise AssertionError("no entity found")
 
 
@@ -47,7 +57,6 @@ def assert_still_serving(entity: str) -> None:
 
 def test_entities_stick_to_one_gpu_and_every_gpu_is_used(cluster: LocalCluster) -> None:
     # Given 80 entities, when each sends 5 requests, all submitted before any is read
-    router = EntityRouter(ShardMapCache(cluster.settings.redis_url))
     entities = [f"sticky-{i}" for i in range(80)]
     pending = []
     for e in entities:
@@ -61,19 +70,19 @@ def test_entities_stick_to_one_gpu_and_every_gpu_is_used(cluster: LocalCluster) 
     for e, result in pending:
         value = result.get(timeout=TIMEOUT)
         assert value["entity_id"] == e
-        seen[e].add((value["queue"], value["worker"], value["device"]))
+        seen[e].add((value["queue"], value["gpu"], value["worker"], value["device"]))
         if "value" in value:
             assert value["value"] == 8.0
-    # Then every entity ran on exactly one GPU: the one its shard maps to
+    # Then every entity ran on exactly one GPU: the one owning its shard, from its shard's queue
     for e in entities:
         assert len(seen[e]) == 1, f"{e} ran on {seen[e]}"
-        (queue, worker, device), = seen[e]
-        route = router.route(e)
-        assert queue == route.queue
-        index = queue.rsplit(".", 1)[1]
+        (queue, gpu, worker, device), = seen[e]
+        assert queue == shard_name(shard_index(e, 1024))
+        assert gpu == owner_of(cluster, e)
+        index = gpu.rsplit(".", 1)[1]
         assert worker == f"gpu{index}@{NODE}" and device == f"SIM-{NODE}-{index}"
     # And all four GPUs took part
-    assert {next(iter(s))[0] for s in seen.values()} == {f"gpu.{NODE}.{i}" for i in range(GPUS)}
+    assert {next(iter(s))[1] for s in seen.values()} == {f"gpu.{NODE}.{i}" for i in range(GPUS)}
 
 
 def test_state_persists_between_requests(cluster: LocalCluster) -> None:
@@ -81,7 +90,9 @@ def test_state_persists_between_requests(cluster: LocalCluster) -> None:
     made = call(alloc, entity_id=e, name="emb", shape=[2, 3], dtype="float64")
     assert made["buffer"] == {"name": "emb", "dtype": "float64", "shape": [2, 3], "nbytes": 48,
                               "generation": made["generation"]}
-    assert {"entity_id", "shard", "queue", "worker", "device", "generation"} <= made.keys()
+    assert {"entity_id", "shard", "queue", "gpu", "worker", "device", "generation"} <= (
+        made.keys())
+    assert made["queue"] == made["shard"] == shard_name(shard_index(e, 1024))
     data = np.arange(6, dtype="<f8") / 7
     call(write, entity_id=e, name="emb", data_b64=base64.b64encode(data.tobytes()).decode())
     got = call(read, entity_id=e, name="emb")
@@ -180,7 +191,7 @@ def test_a_poisoned_context_is_rebuilt_and_old_handles_are_stale(cluster: LocalC
     with pytest.raises(ContextPoisoned, match=f"generation {old} -> {old + 1}") as raised:
         call(run, entity_id=e, kernel="fault")
     assert raised.value.generation == old + 1
-    with pytest.raises(StaleHandle, match="lost when the context") as stale:
+    with pytest.raises(StaleHandle, match="lost when the device context was rebuilt") as stale:
         call(read, entity_id=e, name="keep")
     assert (stale.value.handle_generation, stale.value.generation) == (old, old + 1)
     assert_still_serving(e)
@@ -199,7 +210,7 @@ def test_users_own_gpu_task_works_on_the_entitys_buffers(cluster: LocalCluster) 
     out = usertasks.normalize.apply_async(kwargs={"entity_id": e, "name": "w"}).get(TIMEOUT)
     assert out["result"]["total"] == 8.0 and out["result"]["names"] == ["w"]
     assert out["result"]["shard"] == out["shard"]
-    assert out["queue"] == EntityRouter(ShardMapCache(cluster.settings.redis_url)).route(e).queue
+    assert out["gpu"] == owner_of(cluster, e) and out["queue"] == out["shard"]
     assert call(read, entity_id=e, name="w", as_list=True)["values"] == [
         0.125, 0.125, 0.25, 0.5]
     assert usertasks.whoami.name == "tests.usertasks.whoami"
@@ -217,37 +228,37 @@ def test_stats_and_status_report_each_gpu(cluster: LocalCluster, settings: Setti
     call(alloc, entity_id=e, name="s", shape=[1000], dtype="float64")
     queue = f"gpu.{NODE}.0"
     got = stats.apply_async(queue=queue).get(timeout=TIMEOUT)
-    assert got["queue"] == queue and got["total_bytes"] == SIM_MEMORY
+    assert got["queue"] == got["gpu"] == queue and got["total_bytes"] == SIM_MEMORY
     assert got["used_bytes"] >= 8000 and got["free_bytes"] == SIM_MEMORY - got["used_bytes"]
     assert got["entities"] >= 1 and got["buffers"] >= 1
+    assert got["shards"] == 1024 // GPUS
     env = {**os.environ, **settings.to_env()}
-    import time
 
-    time.sleep(settings.heartbeat_s * 2)  # let a heartbeat carry the new buffer
-    done = gpu_tasks_cli("status", "--json", env=env)
-    assert done.returncode == 0, done.stderr
-    rows = {r["queue"]: r for r in json.loads(done.stdout)}
+    def shown() -> dict[str, Any]:
+        done = gpu_tasks_cli("status", "--json", env=env)
+        assert done.returncode == 0, done.stderr
+        return {g["gpu"]: g for g in json.loads(done.stdout)["gpus"]}
+
+    # A heartbeat carries the new buffer within heartbeat_s
+    rows = wait_until(lambda: (r := shown())[queue]["device"]["entities"] >= 1 and r,
+                      timeout=10 * settings.heartbeat_s)
     assert set(rows) == {f"gpu.{NODE}.{i}" for i in range(GPUS)}
     for i in range(GPUS):
         row = rows[f"gpu.{NODE}.{i}"]
-        assert row["alive"] and row["heartbeat_age_s"] < 3 * settings.heartbeat_s
-        assert row["worker"] == f"gpu{i}@{NODE}" and row["device_uuid"] == f"SIM-{NODE}-{i}"
-        assert row["total_bytes"] == SIM_MEMORY and row["shards"] == 1024 // GPUS
-        assert row["queue_depth"] == 0
-    assert rows[queue]["used_bytes"] >= 8000 and rows[queue]["entities"] >= 1
+        assert row["alive"] and row["consuming"] and row["problem"] is None
+        assert row["lease_age_s"] < settings.lease_ttl_s
+        assert row["worker"] == f"gpu{i}@{NODE}"
+        assert row["device"]["device_uuid"] == f"SIM-{NODE}-{i}"
+        assert row["device"]["total_bytes"] == SIM_MEMORY and row["shards"] == 1024 // GPUS
+    assert rows[queue]["device"]["used_bytes"] >= 8000
     call(free, entity_id=e)
 
 
 def test_flower_sees_every_gpu_worker(cluster: LocalCluster) -> None:
-    import time
-
-    deadline = time.monotonic() + 20
-    while True:
+    def all_online() -> bool:
         with urllib.request.urlopen(f"{cluster.flower_url}/metrics", timeout=5) as resp:
             metrics = resp.read().decode()
-        online = {f'flower_worker_online{{worker="gpu{i}@{NODE}"}} 1.0' in metrics
-                  for i in range(GPUS)}
-        if online == {True}:
-            break
-        assert time.monotonic() < deadline, metrics[-2000:]
-        time.sleep(0.5)
+        return all(f'flower_worker_online{{worker="gpu{i}@{NODE}"}} 1.0' in metrics
+                   for i in range(GPUS))
+
+    wait_until(all_online, timeout=20)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import psutil
@@ -20,7 +19,7 @@ from gpu_tasks.redis_server import RedisServer
 from gpu_tasks.settings import Settings
 from gpu_tasks.tasks import alloc, read, stats, write
 from tests import usertasks
-from tests.conftest import NODE, gpu_tasks_cli
+from tests.conftest import NODE, gpu_tasks_cli, wait_until
 
 TIMEOUT = 60
 
@@ -49,10 +48,8 @@ def test_a_task_whose_pool_child_dies_is_redelivered_and_the_gpu_keeps_serving(
     before = stats.apply_async(queue=f"gpu.{NODE}.0").get(timeout=TIMEOUT)["generation"]
     pending = usertasks.slow.apply_async(kwargs={"entity_id": e, "seconds": 1.5,
                                                  "marker": "m"})
-    deadline = time.monotonic() + 20
-    while not running_on(cluster, f"gpu0@{NODE}", pending.id):
-        assert time.monotonic() < deadline, "the task never started"
-        time.sleep(0.05)
+    wait_until(lambda: running_on(cluster, f"gpu0@{NODE}", pending.id), timeout=20,
+               what="the task never started")
     # When the child is killed mid-task
     os.kill(child.pid, signal.SIGKILL)
     # Then the task is redelivered to the replacement child and completes
@@ -86,7 +83,7 @@ def test_work_queued_before_a_redis_restart_is_served_after_it(tmp_path: Path,
         # And a restart under a running worker: it reconnects and keeps serving
         server.restart()
         late = alloc.apply_async(kwargs={"entity_id": "late", "name": "y", "shape": [1]})
-        assert late.get(timeout=TIMEOUT)["queue"] == f"gpu.{NODE}.0"
+        assert late.get(timeout=TIMEOUT)["gpu"] == f"gpu.{NODE}.0"
     finally:
         cluster.stop()
         server.stop()
@@ -112,7 +109,7 @@ def test_a_worker_started_before_the_shard_map_serves_once_it_exists(
         configure(own)
         done = alloc.apply_async(kwargs={"entity_id": "early", "name": "x", "shape": [1]})
         # Then the worker serves it
-        assert done.get(timeout=TIMEOUT)["queue"] == f"gpu.{NODE}.0"
+        assert done.get(timeout=TIMEOUT)["gpu"] == f"gpu.{NODE}.0"
     finally:
         cluster.stop()
         configure(settings)
@@ -131,14 +128,14 @@ def test_a_gpu_that_fails_to_start_says_why_in_status_and_in_every_answer(
         cluster.workers.append(cluster.start_worker(0))
         # Then the fleet registry says it failed, and why
         registry = FleetRegistry(client)
-        deadline = time.monotonic() + 60
-        while (record := registry.get(f"gpu.{NODE}.0")) is None:
-            assert time.monotonic() < deadline, cluster.workers[0].log_tail()
-            time.sleep(0.1)
+        record = wait_until(lambda: registry.get(f"gpu.{NODE}.0"), timeout=60,
+                            what=cluster.workers[0].log_tail)
         assert record.state == "failed" and not record.alive()
         assert "not an integer" in record.error
         shown = gpu_tasks_cli("status", "--json", env={**os.environ, **own.to_env()})
-        assert json.loads(shown.stdout)[0]["alive"] is False
+        row = json.loads(shown.stdout)["gpus"][0]
+        assert row["device"]["state"] == "failed"
+        assert "its device failed to start" in row["problem"] and "not an integer" in row["problem"]
         # And a request gets that reason back instead of hanging
         configure(own)
         with pytest.raises(DeviceError, match=r"failed to start its device.*not an integer"):

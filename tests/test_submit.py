@@ -1,5 +1,5 @@
-"""Submit time: Celery's own apply_async/send_task are routed, and bad requests never
-reach the broker."""
+"""Submit time: Celery's own apply_async/send_task go to the entity's shard queue, and
+requests that say nowhere to go never reach the broker."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import pytest
 import redis
 
 from gpu_tasks.app import app, configure
-from gpu_tasks.errors import ConfigError, RoutingError
-from gpu_tasks.routing import EntityRouter
+from gpu_tasks.errors import ConfigError, RoutingError, ShardMapError
 from gpu_tasks.settings import Settings
-from gpu_tasks.shardmap import ShardMap, ShardMapCache, ShardMapStore
+from gpu_tasks.shardmap import ShardMap, ShardMapStore
 from gpu_tasks.tasks import alloc, stats
 from tests.conftest import gpu_tasks_cli
 
@@ -38,14 +37,45 @@ def enqueued(client: redis.Redis) -> dict[str, int]:
 
 
 def test_apply_async_lands_on_the_queue_of_the_entitys_shard(idle_app: redis.Redis) -> None:
-    route = EntityRouter(ShardMapCache(app.conf.broker_url)).route("user-42")
+    # user-42 is in shard-129 of 1024 (the routing vectors)
     alloc.apply_async(kwargs={"entity_id": "user-42", "name": "emb", "shape": [1024],
                               "dtype": "float32"})
     app.send_task("gpu_tasks.alloc", kwargs={"entity_id": "user-42", "name": "b", "shape": 4})
-    assert enqueued(idle_app) == {route.queue: 2}
-    body = json.loads(idle_app.lindex(route.queue, 0))
+    alloc.apply_async(kwargs={"entity_id": "user-42", "name": "c", "shape": 4},
+                      queue="shard-129")  # naming its own shard's queue is fine
+    assert enqueued(idle_app) == {"shard-129": 3}
+    body = json.loads(idle_app.lindex("shard-129", 0))
     assert body["content-type"] == "application/json"
     assert body["headers"]["task"] == "gpu_tasks.alloc"
+
+
+def test_send_task_by_name_of_a_task_this_producer_never_imported(
+        idle_app: redis.Redis) -> None:
+    # With an entity: its shard queue, like any entity request
+    app.send_task("myapp.normalize", kwargs={"entity_id": "user-42", "name": "emb"})
+    assert enqueued(idle_app) == {"shard-129": 1}
+    # Without one: refused, whatever the name; nothing reaches Celery's default queue
+    for name in ("myapp.normalize", "celery.backend_cleanup", "gpu_tasks.nonexistent"):
+        with pytest.raises(RoutingError, match="neither entity_id"):
+            app.send_task(name, kwargs={"name": "emb"})
+    assert enqueued(idle_app) == {"shard-129": 1}
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"queue": "gpu.idle.1"}, "goes to its shard's queue shard-129, not queue='gpu.idle.1'"),
+    ({"queue": "shard-5"}, "not queue='shard-5'"),
+    ({"queue": "celery"}, "not queue='celery'"),
+    ({"routing_key": "gpu.idle.1"}, "routing_key= cannot be given"),
+    ({"exchange": "shard-129"}, "exchange= cannot be given"),
+])
+def test_an_entity_request_cannot_be_sent_elsewhere(
+        idle_app: redis.Redis, options: dict[str, str], message: str) -> None:
+    kwargs = {"entity_id": "user-42", "name": "x", "shape": [4]}
+    with pytest.raises(RoutingError, match=message):
+        alloc.apply_async(kwargs=kwargs, **options)
+    with pytest.raises(RoutingError, match=message):
+        app.send_task("gpu_tasks.alloc", kwargs=kwargs, **options)
+    assert enqueued(idle_app) == {}
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -78,15 +108,20 @@ def test_a_misspelled_argument_fails_before_it_is_enqueued(idle_app: redis.Redis
 def test_stats_must_name_a_gpu_queue(idle_app: redis.Redis) -> None:
     with pytest.raises(RoutingError, match="queue='gpu"):
         stats.apply_async()
+    with pytest.raises(RoutingError, match="'celery' is not a GPU queue"):
+        stats.apply_async(queue="celery")
+    with pytest.raises(RoutingError, match="'shard-3' is not a GPU queue"):
+        app.send_task("gpu_tasks.stats", queue="shard-3")
     assert enqueued(idle_app) == {}
     stats.apply_async(queue=QUEUES[1])
-    assert enqueued(idle_app) == {QUEUES[1]: 1}
+    app.send_task("anything.at.all", queue=QUEUES[0])  # one GPU's queue: its worker decides
+    assert enqueued(idle_app) == {QUEUES[1]: 1, QUEUES[0]: 1}
 
 
 def test_without_a_shard_map_routed_tasks_are_refused(spare_url: str, settings: Settings) -> None:
     configure(settings.replace(redis_url=spare_url))
     try:
-        with pytest.raises(Exception, match="no shard map"):
+        with pytest.raises(ShardMapError, match=r"no shard map.*shards init"):
             alloc.apply_async(kwargs={"entity_id": "u", "name": "x", "shape": [4]})
         assert enqueued(redis.Redis.from_url(spare_url)) == {}
     finally:
@@ -105,6 +140,9 @@ def test_without_redis_configured_the_error_says_which_setting(settings: Setting
 def test_submit_cli_refuses_bad_input_clearly(spare_url: str) -> None:
     env = {**os.environ, "GPU_TASKS_REDIS_URL": spare_url}
     ShardMapStore(redis.Redis.from_url(spare_url)).create(ShardMap.balanced(QUEUES, 8))
+    foreign = gpu_tasks_cli("submit", "alloc", "--entity", "u", "--queue", "gpu.idle.0",
+                            "--kwargs", '{"name": "x", "shape": [4]}', env=env)
+    assert foreign.returncode == 1 and "leave queue= out" in foreign.stderr
     no_entity = gpu_tasks_cli("submit", "alloc", "--kwargs", '{"name": "x", "shape": [4]}',
                               env=env)
     assert no_entity.returncode == 1 and "without entity_id" in no_entity.stderr
@@ -124,6 +162,8 @@ def test_settings_from_the_environment_name_the_bad_variable() -> None:
         Settings.from_env({"GPU_TASKS_FAULT_INJECTION": "maybe"})
     with pytest.raises(ConfigError, match="visibility_timeout_s"):
         Settings.from_env({"GPU_TASKS_VISIBILITY_TIMEOUT_S": "60"})
+    with pytest.raises(ConfigError, match="lease_ttl_s"):
+        Settings.from_env({"GPU_TASKS_LEASE_TTL_S": "1", "GPU_TASKS_MAP_POLL_S": "0.5"})
     s = Settings.from_env({"GPU_TASKS_SIM_MEMORY": "512MiB", "GPU_TASKS_NODE": "n1",
                            "GPU_TASKS_IMPORTS": "a.b, c", "GPU_TASKS_FAULT_INJECTION": "true"})
     assert (s.sim_memory_bytes, s.node, s.imports) == (512 << 20, "n1", ("a.b", "c"))

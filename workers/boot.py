@@ -5,6 +5,12 @@ before anything can import PyCUDA; the device context is made in the pool child
 after fork (``worker_process_init``) and released in ``worker_process_shutdown``.
 The parent never touches CUDA, so it stays responsive to Flower and remote
 control, enforces hard time limits, and replaces a crashed child.
+
+The parent also owns the GPU's place in the fleet: it takes the GPU's lease before
+Celery starts (refusing to start if a live worker serves the GPU), puts back what a
+crashed predecessor had taken, and then consumes exactly the shard queues the map
+gives its GPU (:mod:`workers.consumption`), fencing every message it fetches
+(:mod:`workers.fence`).
 """
 
 from __future__ import annotations
@@ -18,9 +24,12 @@ from celery import signals
 
 from gpu_tasks.errors import ConfigError
 from gpu_tasks.fleet import FleetRegistry, GpuRecord
+from gpu_tasks.lease import Holder
 from gpu_tasks.settings import Settings
-from workers import runtime
+from workers import control, ownership, runtime
+from workers.consumption import CONSUMER, Consumption, bootstep
 from workers.runtime import DeviceRuntime, WorkerIdentity
+from workers.transport import TRANSPORT, restore_unacked, unacked_keys
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +54,52 @@ def record_boot_failure(identity: WorkerIdentity, settings: Settings, reason: st
         log.warning("could not record the failed start in the fleet registry: %s", exc)
 
 
+def install_executor() -> None:
+    """Run every declared GPU task through this process's runtime, built-ins through
+    their implementations."""
+    from gpu_tasks.task import install_executor as install
+    from workers import handlers
+
+    implementations = handlers.IMPLEMENTATIONS
+
+    def executor(task: Any, body: Any, entity_id: object, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> Any:
+        return runtime.execute(task, implementations.get(task.name, body), entity_id,
+                               args, kwargs)
+
+    install(executor)
+
+
 def run_worker(
     identity: WorkerIdentity, settings: Settings, loglevel: str = "INFO", pool: str = "prefork"
 ) -> None:
-    """Pin, wire the device lifecycle to the pool child, and run the worker (blocks)."""
+    """Pin, take the GPU's lease, put back what a crashed predecessor had taken, wire the
+    shard consumption and the device lifecycle, and run the worker (blocks).
+
+    Raises :class:`~gpu_tasks.errors.LeaseHeld` when a live worker serves this GPU."""
     pin_to_gpu(identity.gpu_index)
-    from gpu_tasks.app import app, configure
+    from gpu_tasks.app import GPU_WORKER_FLAG, app, configure
 
     configure(settings)
+    client = settings.redis_client()
+    table = ownership.table = ownership.OwnershipTable()
+    consumption = Consumption(identity.queue, Holder(identity.worker), settings, client,
+                              table, app)
+    consumption.take_lease()
+    restored = restore_unacked(client, identity.queue)
+    if restored:
+        log.warning("%s: put back %d requests its previous worker had taken and not "
+                    "finished", identity.queue, restored)
+    app.conf.update(
+        {GPU_WORKER_FLAG: identity.queue},
+        broker_transport=TRANSPORT,
+        broker_transport_options={**app.conf.broker_transport_options,
+                                  **unacked_keys(identity.queue)},
+        worker_consumer=CONSUMER,
+    )
+    app.steps["consumer"].add(bootstep(consumption))
+    control.install()
+    install_executor()
 
     @signals.worker_process_init.connect(weak=False)
     def _open_device(**_: Any) -> None:
@@ -80,15 +127,18 @@ def run_worker(
         signals.worker_ready.connect(lambda **_: _open_device(), weak=False)
         signals.worker_shutdown.connect(lambda **_: _close_device(), weak=False)
 
-    app.worker_main(
-        [
-            "worker",
-            f"--queues={identity.queue}",
-            f"--hostname={identity.worker}",
-            f"--pool={pool}",
-            "--concurrency=1",
-            f"--loglevel={loglevel}",
-            "--without-gossip",
-            "--without-mingle",
-        ]
-    )
+    try:
+        app.worker_main(
+            [
+                "worker",
+                f"--queues={identity.queue}",
+                f"--hostname={identity.worker}",
+                f"--pool={pool}",
+                "--concurrency=1",
+                f"--loglevel={loglevel}",
+                "--without-gossip",
+                "--without-mingle",
+            ]
+        )
+    finally:
+        consumption.release_lease()

@@ -1,29 +1,37 @@
-"""The built-in tasks' work on the GPU side (their signatures are in ``gpu_tasks.tasks``).
+"""The built-in tasks' implementations (``gpu_tasks.tasks`` declares them).
 
-Payloads are JSON: binary data travels as base64 of the raw little-endian
-bytes, with ``dtype`` and ``shape`` beside it.
+A GPU worker's boot installs :data:`IMPLEMENTATIONS`, so the declared task of each
+name runs the function here. Payloads are JSON: binary data travels as base64 of
+the raw little-endian bytes, with ``dtype`` and ``shape`` beside it.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from gpu_tasks import tasks
 from gpu_tasks.errors import BadRequest
-from workers import runtime
-from workers.runtime import EntityContext
+from workers import ownership
+from workers.runtime import EntityContext, GpuContext
 
 
-def alloc(gpu: EntityContext, name: str, shape: Any, dtype: Any) -> dict[str, Any]:
+def alloc(gpu: EntityContext, name: Any, shape: Any, dtype: Any = "float32") -> dict[str, Any]:
     buf = gpu.alloc(name, shape, dtype)
     return {"buffer": buf.describe(), "entity_bytes": gpu.store.usage(gpu.entity_id).bytes}
 
 
 def write(
-    gpu: EntityContext, name: str, values: Any, data_b64: Any, offset: Any, generation: int | None
+    gpu: EntityContext,
+    name: Any,
+    values: Any = None,
+    data_b64: Any = None,
+    offset: Any = 0,
+    generation: Any = None,
 ) -> dict[str, Any]:
     if (values is None) == (data_b64 is None):
         raise BadRequest(
@@ -56,7 +64,8 @@ def write(
     return {"buffer": buf.describe(), "written": count, "offset": offset}
 
 
-def read(gpu: EntityContext, name: str, as_list: Any, generation: int | None) -> dict[str, Any]:
+def read(gpu: EntityContext, name: Any, as_list: Any = False, generation: Any = None
+         ) -> dict[str, Any]:
     host = gpu.read(name, generation)
     result: dict[str, Any] = {
         "name": name,
@@ -69,25 +78,35 @@ def read(gpu: EntityContext, name: str, as_list: Any, generation: int | None) ->
     return result
 
 
-def free(gpu: EntityContext, name: str | None) -> dict[str, Any]:
+def free(gpu: EntityContext, name: Any = None) -> dict[str, Any]:
     freed = gpu.free(name)
     return {"freed": [b.name for b in freed], "freed_bytes": sum(b.nbytes for b in freed)}
 
 
-def run(
-    gpu: EntityContext, kernel: Any, generation: int | None, params: dict[str, Any]
-) -> dict[str, Any]:
+def run(gpu: EntityContext, kernel: Any, generation: Any = None, **params: Any) -> dict[str, Any]:
     return gpu.launch(kernel, generation, **params)
 
 
-def stats() -> dict[str, Any]:
-    rt = runtime.current()
-    free_bytes, total_bytes = rt.backend.mem_info()
+def stats(gpu: GpuContext) -> dict[str, Any]:
+    free_bytes, total_bytes = gpu.device.mem_info()
+    table = ownership.table
     return {
-        **rt.where(),
-        **rt.store.totals(),
+        **gpu.store.totals(),
         "free_bytes": free_bytes,
         "total_bytes": total_bytes,
-        "device_name": rt.backend.info.name,
-        "backend": rt.backend.info.backend,
+        "device_name": gpu.device.info.name,
+        "backend": gpu.device.info.backend,
+        "shards": len(table.served()) if table is not None else None,
+        "shard_map_epoch": table.epoch if table is not None else None,
     }
+
+
+IMPLEMENTATIONS: dict[str, Callable[..., Any]] = {
+    tasks.alloc.name: alloc,
+    tasks.write.name: write,
+    tasks.read.name: read,
+    tasks.free.name: free,
+    tasks.run.name: run,
+    tasks.stats.name: stats,
+}
+"""What runs for each built-in task name."""

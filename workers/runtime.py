@@ -2,9 +2,10 @@
 
 Started by :mod:`workers.boot` in ``worker_process_init`` (after fork, after
 pinning), so the device context belongs to the process that uses it. Every GPU
-task goes through :func:`execute`, which checks the entity id, hands the body
-an :class:`EntityContext`, rebuilds the context if the body poisoned it, and
-wraps the result with where it ran.
+task goes through :func:`execute`, which checks the entity id, checks that this
+GPU still serves the entity's shard (:mod:`workers.ownership`), hands the body an
+:class:`EntityContext`, rebuilds the context if the body poisoned it, and wraps the
+result with where it ran.
 """
 
 from __future__ import annotations
@@ -14,19 +15,21 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from celery.exceptions import Reject
 
 from gpu_tasks.errors import BadRequest, ContextPoisoned, DeviceError, RoutingError
 from gpu_tasks.fleet import FleetRegistry, GpuRecord
-from gpu_tasks.routing import queue_name, shard_index, shard_name, validate_entity_id, worker_name
+from gpu_tasks.routing import gpu_queue, shard_index, shard_name, validate_entity_id, worker_name
 from gpu_tasks.settings import Settings
 from gpu_tasks.shardmap import ShardMapStore
-from workers import kernels
+from workers import kernels, ownership
 from workers.backend import Backend, Buffer, DevicePoisoned, create_backend
 from workers.store import BufferStore
 
@@ -43,7 +46,8 @@ class WorkerIdentity:
 
     @property
     def queue(self) -> str:
-        return queue_name(self.node, self.gpu_index)
+        """The GPU's own queue, which also names it in the shard map: ``gpu.<node>.<i>``."""
+        return gpu_queue(self.node, self.gpu_index)
 
     @property
     def worker(self) -> str:
@@ -60,9 +64,9 @@ class EntityContext:
     buf.dtype, gpudata=buf.allocation)``) and a numpy byte array on ``sim``.
     """
 
-    def __init__(self, runtime: DeviceRuntime, entity_id: str) -> None:
+    def __init__(self, runtime: DeviceRuntime, entity_id: str, shard: int) -> None:
         self.entity_id = entity_id
-        self.shard = shard_name(shard_index(entity_id, runtime.shard_count))
+        self.shard = shard_name(shard)
         self.device: Backend = runtime.backend
         self.store: BufferStore = runtime.store
         self._runtime = runtime
@@ -116,6 +120,15 @@ class EntityContext:
                               allow_fault=self._runtime.settings.fault_injection)
 
 
+class GpuContext:
+    """What a task sent to a GPU's own queue gets (``gpu_tasks.stats``): the GPU, no entity."""
+
+    def __init__(self, runtime: DeviceRuntime) -> None:
+        self.device: Backend = runtime.backend
+        self.store: BufferStore = runtime.store
+        self.runtime = runtime
+
+
 class DeviceRuntime:
     """The device, buffer store and fleet heartbeat of one pool child."""
 
@@ -133,8 +146,13 @@ class DeviceRuntime:
         )
         self.backend.open()
         self.store = BufferStore(
-            self.backend, self.fleet.next_generation(identity.queue), settings.entity_memory_bytes
+            self.backend,
+            self.fleet.next_generation(identity.queue),
+            settings.entity_memory_bytes,
+            shard_of=lambda entity_id: shard_index(entity_id, self.shard_count),
         )
+        self.started_at = time.time()
+        self._seen_epoch = -2
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
         log.info(
@@ -172,6 +190,7 @@ class DeviceRuntime:
             pid=os.getpid(),
             state=state,
             error=error,
+            started_at=self.started_at,
             **totals,
         )
 
@@ -230,17 +249,45 @@ class DeviceRuntime:
         self.fleet.heartbeat(self.record())
         return lost
 
-    def where(self, entity_id: str | None = None) -> dict[str, Any]:
-        """The where-it-ran fields every result carries."""
-        where: dict[str, Any] = {}
-        if entity_id is not None:
-            where = {
-                "entity_id": entity_id,
-                "shard": shard_name(shard_index(entity_id, self.shard_count)),
-            }
+    def serve(self, entity_id: str, task_name: str) -> int:
+        """The entity's shard, if this GPU serves it now; else the request goes back to the
+        head of its shard's queue (``Reject(requeue=True)``) for the shard's new consumer.
+
+        The main process admitted the request when this GPU served its shard; the map may
+        have moved it since. Lost shards' buffers are dropped here, on the task thread."""
+        index = shard_index(entity_id, self.shard_count)
+        table = ownership.table
+        if table is None:  # a runtime without a worker around it (tests of the device layer)
+            return index
+        epoch = table.epoch
+        if epoch != self._seen_epoch:
+            self._seen_epoch = epoch
+            served = set(table.served())
+            lost = [i for i in self.store.shards() if i not in served]
+            if lost:
+                dropped = self.store.drop_shards(
+                    lost, f"when its shard stopped being served by {self.identity.queue}")
+                log.warning("%s: shard map epoch %d: dropped %d buffers of %d shards this "
+                            "GPU no longer serves", self.identity.queue, epoch, dropped,
+                            len(lost))
+        if not table.lease_held():
+            raise Reject(f"{self.identity.queue} does not hold its lease; {task_name} for "
+                         f"{entity_id!r} goes back to its queue", requeue=True)
+        if not table.serves(index):
+            raise Reject(f"{shard_name(index)} left {self.identity.queue}; {task_name} for "
+                         f"{entity_id!r} goes back to its queue", requeue=True)
+        return index
+
+    def where(self, entity_id: str | None = None, shard: int | None = None) -> dict[str, Any]:
+        """The where-it-ran fields every result carries: an entity request names its shard
+        and the shard's queue; a GPU-queue request names the GPU's queue."""
+        where: dict[str, Any] = {"queue": self.identity.queue}
+        if entity_id is not None and shard is not None:
+            where = {"entity_id": entity_id, "shard": shard_name(shard),
+                     "queue": shard_name(shard)}
         return {
             **where,
-            "queue": self.identity.queue,
+            "gpu": self.identity.queue,
             "worker": self.identity.worker,
             "device": self.backend.info.uuid,
             "generation": self.store.generation,
@@ -273,7 +320,7 @@ _signatures: dict[Callable[..., Any], inspect.Signature] = {}
 
 
 def _bind(
-    body: Callable[..., Any], ctx: EntityContext, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    body: Callable[..., Any], ctx: object, args: tuple[Any, ...], kwargs: Mapping[str, Any]
 ) -> None:
     """Reject arguments the body does not take, naming the field (send_task skips Celery's
     own submit-time check)."""
@@ -294,17 +341,25 @@ def execute(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
-    """Run one entity-routed task body on this GPU (see ``gpu_tasks.task``)."""
+    """Run one GPU task body on this GPU (the executor ``gpu_tasks.task`` calls): an
+    entity request on its entity's context, a GPU-queue request on the GPU's."""
     runtime = current()
-    try:
-        eid = validate_entity_id(entity_id)
-    except RoutingError as exc:
-        raise BadRequest(str(exc), "entity_id") from None
-    ctx = EntityContext(runtime, eid)
+    ctx: EntityContext | GpuContext
+    eid: str | None = None
+    shard: int | None = None
+    if getattr(task, "queue_addressed", False):
+        ctx = GpuContext(runtime)
+    else:
+        try:
+            eid = validate_entity_id(entity_id)
+        except RoutingError as exc:
+            raise BadRequest(str(exc), "entity_id") from None
+        shard = runtime.serve(eid, task.name)
+        ctx = EntityContext(runtime, eid, shard)
     _bind(body, ctx, args, kwargs)
     with runtime.guard():
         value = body(ctx, *args, **kwargs)
-    where = runtime.where(eid)
+    where = runtime.where(eid, shard)
     if getattr(task, "flat_result", False):
         return {**where, **value}
     return {**where, "result": value}

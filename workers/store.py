@@ -1,15 +1,16 @@
-"""The per-entity buffer store of one GPU: who owns which device buffer, and how much.
+"""The buffer store of one GPU: which entity of which shard owns which device buffer.
 
 Memory is accounted per GPU (the backend refuses what does not fit) and per
-entity (an optional quota). When the context is rebuilt every buffer is gone;
-the store remembers which names were lost at which generation, so a later
-request for one fails with :class:`StaleHandle` instead of a puzzling
-:class:`NoSuchBuffer`.
+entity (an optional quota). When the context is rebuilt every buffer is gone, and
+when a shard stops being served here its buffers are dropped; the store remembers
+which names were lost, when and why, so a later request for one fails with
+:class:`StaleHandle` instead of a puzzling :class:`NoSuchBuffer`.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,18 +59,37 @@ class EntityUsage:
     bytes: int
 
 
-class BufferStore:
-    """Buffers of every entity served by one GPU worker, keyed by (entity, name)."""
+def _single_shard(entity_id: str) -> int:
+    return 0
 
-    def __init__(self, backend: Backend, generation: int, entity_quota_bytes: int = 0) -> None:
+
+class BufferStore:
+    """Buffers of every entity served by one GPU worker, keyed shard -> entity -> name.
+
+    Keying by shard lets a whole shard's state be found, dropped or moved at once;
+    ``shard_of`` maps an entity to its shard index (the routing hash).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        generation: int,
+        entity_quota_bytes: int = 0,
+        shard_of: Callable[[str], int] = _single_shard,
+    ) -> None:
         self.backend = backend
         self.generation = generation
         self.entity_quota_bytes = entity_quota_bytes
-        self._buffers: dict[str, dict[str, Buffer]] = {}
-        self._lost: dict[tuple[str, str], int] = {}
+        self.shard_of = shard_of
+        self._shards: dict[int, dict[str, dict[str, Buffer]]] = {}
+        self._lost: dict[tuple[str, str], tuple[int, str]] = {}
+        """(entity, name) -> (generation it was lost at, why), for a clear answer later."""
         self._used_bytes = 0
         # The heartbeat thread reads the totals while a task may be changing them.
         self._lock = threading.Lock()
+
+    def _entity(self, entity_id: str) -> dict[str, Buffer]:
+        return self._shards.get(self.shard_of(entity_id), {}).get(entity_id, {})
 
     # -- reading -------------------------------------------------------------
 
@@ -84,41 +104,47 @@ class BufferStore:
                 generation,
                 self.generation,
             )
-        buf = self._buffers.get(entity_id, {}).get(name)
+        owned = self._entity(entity_id)
+        buf = owned.get(name)
         if buf is not None:
             return buf
-        lost_at = self._lost.get((entity_id, name))
-        if lost_at is not None:
+        lost = self._lost.get((entity_id, name))
+        if lost is not None:
+            lost_at, why = lost
             raise StaleHandle(
-                f"buffer {name!r} of entity {entity_id!r} was lost when the context of "
-                f"generation {lost_at} was rebuilt (now generation {self.generation}); "
-                "allocate it again",
+                f"buffer {name!r} of entity {entity_id!r} was lost {why} (generation "
+                f"{lost_at}; now generation {self.generation}); allocate it again",
                 lost_at,
                 self.generation,
             )
-        owned = sorted(self._buffers.get(entity_id, {}))
         raise NoSuchBuffer(
             f"entity {entity_id!r} has no buffer {name!r} on this GPU "
-            f"(it has: {', '.join(owned) if owned else 'none'})"
+            f"(it has: {', '.join(sorted(owned)) if owned else 'none'})"
         )
 
     def names(self, entity_id: str) -> list[str]:
-        return sorted(self._buffers.get(entity_id, {}))
+        return sorted(self._entity(entity_id))
 
     def usage(self, entity_id: str) -> EntityUsage:
-        bufs = self._buffers.get(entity_id, {})
+        bufs = self._entity(entity_id)
         return EntityUsage(len(bufs), sum(b.nbytes for b in bufs.values()))
 
     @property
     def used_bytes(self) -> int:
         return self._used_bytes
 
+    def shards(self) -> list[int]:
+        """Indices of the shards this GPU holds state for."""
+        with self._lock:
+            return sorted(self._shards)
+
     def totals(self) -> dict[str, int]:
         """Counts for the heartbeat and ``stats``: entities, buffers, bytes held."""
         with self._lock:
+            entities = [bufs for shard in self._shards.values() for bufs in shard.values()]
             return {
-                "entities": len(self._buffers),
-                "buffers": sum(len(b) for b in self._buffers.values()),
+                "entities": len(entities),
+                "buffers": sum(len(b) for b in entities),
                 "used_bytes": self._used_bytes,
             }
 
@@ -129,7 +155,7 @@ class BufferStore:
         parse_name(name)
         np_dtype, dims = parse_dtype(dtype), parse_shape(shape)
         nbytes = int(np.prod(dims, dtype=object)) * np_dtype.itemsize
-        existing = self._buffers.get(entity_id, {}).get(name)
+        existing = self._entity(entity_id).get(name)
         reuse = existing.nbytes if existing is not None else 0
         if self.entity_quota_bytes:
             held = self.usage(entity_id).bytes - reuse
@@ -152,7 +178,8 @@ class BufferStore:
         allocation = self.backend.alloc(nbytes)
         buf = Buffer(entity_id, name, np_dtype, dims, self.generation, allocation)
         with self._lock:
-            self._buffers.setdefault(entity_id, {})[name] = buf
+            shard = self._shards.setdefault(self.shard_of(entity_id), {})
+            shard.setdefault(entity_id, {})[name] = buf
             self._used_bytes += nbytes
             self._lost.pop((entity_id, name), None)
         return buf
@@ -160,16 +187,20 @@ class BufferStore:
     def free(self, entity_id: str, name: str | None = None) -> list[Buffer]:
         """Free one buffer (``NoSuchBuffer`` if absent) or, with no name, all of the entity's."""
         if name is None:
-            victims = list(self._buffers.get(entity_id, {}).values())
+            victims = list(self._entity(entity_id).values())
         else:
             victims = [self.get(entity_id, name)]
+        index = self.shard_of(entity_id)
         for buf in victims:
             self.backend.release(buf.allocation)
             with self._lock:
-                owned = self._buffers[entity_id]
+                shard = self._shards[index]
+                owned = shard[entity_id]
                 del owned[buf.name]
                 if not owned:
-                    del self._buffers[entity_id]
+                    del shard[entity_id]
+                    if not shard:
+                        del self._shards[index]
                 self._used_bytes -= buf.nbytes
         if name is None:
             with self._lock:
@@ -177,15 +208,33 @@ class BufferStore:
                     del self._lost[key]
         return victims
 
+    def drop_shards(self, indices: Iterable[int], why: str) -> int:
+        """Free every buffer of these shards and remember them as lost ``why``; returns
+        how many buffers were dropped."""
+        dropped = 0
+        for index in indices:
+            with self._lock:
+                shard = self._shards.pop(index, {})
+            for entity_id, bufs in shard.items():
+                for name, buf in bufs.items():
+                    self.backend.release(buf.allocation)
+                    with self._lock:
+                        self._used_bytes -= buf.nbytes
+                        self._lost[(entity_id, name)] = (self.generation, why)
+                    dropped += 1
+        return dropped
+
     def drop_all(self, new_generation: int) -> int:
         """Forget every buffer after a context rebuild; returns how many were lost."""
         with self._lock:
             lost = 0
-            for entity_id, bufs in self._buffers.items():
-                for name in bufs:
-                    self._lost[(entity_id, name)] = self.generation
-                    lost += 1
-            self._buffers.clear()
+            for shard in self._shards.values():
+                for entity_id, bufs in shard.items():
+                    for name in bufs:
+                        self._lost[(entity_id, name)] = (
+                            self.generation, "when the device context was rebuilt")
+                        lost += 1
+            self._shards.clear()
             self._used_bytes = 0
             self.generation = new_generation
         return lost

@@ -1,0 +1,84 @@
+"""What the worker's main process knows about its ownership, shared with its pool child.
+
+The main process fetches messages, holds the GPU's lease and follows the shard
+map; the pool child executes and holds the device state. They share this table in
+anonymous shared memory, made before the pool forks (so a replacement child gets
+it too): the main process writes, the child reads it before every entity request.
+That lets the child refuse a request whose shard left this GPU between its
+admission and its execution, and drop the state of shards it no longer serves.
+
+Layout: the shard map epoch the main process consumes by (int64), the monotonic
+time until which the lease is known to be held (float64; CLOCK_MONOTONIC is
+system-wide, so both processes read the same clock), then one byte per shard
+(1: this GPU consumes the shard's queue).
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+import time
+from collections.abc import Iterable
+
+import numpy as np
+
+from gpu_tasks.errors import ConfigError
+from gpu_tasks.shardmap import MAX_SHARDS
+
+_HEADER = struct.Struct("=qd")
+
+
+class OwnershipTable:
+    """Shard flags, the map epoch and the lease deadline, in memory shared across fork."""
+
+    def __init__(self, max_shards: int = MAX_SHARDS) -> None:
+        self.max_shards = max_shards
+        self._mem = mmap.mmap(-1, _HEADER.size + max_shards)  # MAP_SHARED | MAP_ANONYMOUS
+        self._flags_at = _HEADER.size
+        _HEADER.pack_into(self._mem, 0, -1, 0.0)
+
+    # -- the main process writes ---------------------------------------------------
+
+    def publish(self, epoch: int, owned: Iterable[int]) -> None:
+        """Make ``owned`` the shards this GPU serves at ``epoch``. Flags first, epoch last:
+        a child that sees the new epoch also sees the new flags."""
+        flags = bytearray(self.max_shards)
+        for index in owned:
+            if not 0 <= index < self.max_shards:
+                raise ConfigError(
+                    f"shard index {index} is beyond the {self.max_shards} shards a GPU "
+                    "worker supports"
+                )
+            flags[index] = 1
+        self._mem[self._flags_at : self._flags_at + self.max_shards] = bytes(flags)
+        _HEADER.pack_into(self._mem, 0, epoch, self.lease_until)
+
+    def hold_lease_until(self, deadline: float) -> None:
+        """The lease is known held until monotonic time ``deadline`` (0: not held)."""
+        _HEADER.pack_into(self._mem, 0, self.epoch, deadline)
+
+    # -- the pool child reads --------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        epoch: int = _HEADER.unpack_from(self._mem, 0)[0]
+        return epoch
+
+    @property
+    def lease_until(self) -> float:
+        until: float = _HEADER.unpack_from(self._mem, 0)[1]
+        return until
+
+    def lease_held(self) -> bool:
+        return time.monotonic() < self.lease_until
+
+    def serves(self, index: int) -> bool:
+        return 0 <= index < self.max_shards and self._mem[self._flags_at + index] == 1
+
+    def served(self) -> list[int]:
+        flags = np.frombuffer(self._mem, np.uint8, self.max_shards, self._flags_at)
+        return [int(i) for i in np.flatnonzero(flags)]
+
+
+table: OwnershipTable | None = None
+"""This worker's table: made by the boot before the pool forks; None outside GPU workers."""

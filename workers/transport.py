@@ -1,0 +1,230 @@
+"""The Redis transport of a GPU worker: kombu's own, with what many shard queues need.
+
+A GPU worker consumes one queue per shard it owns (1024 on a one-GPU host), so:
+
+- **One BRPOP, packed once per change of the consumed set.** kombu rebuilds and
+  packs ``BRPOP`` over every queue times every priority step on each fetch, so the
+  cost of a fetch grows with the number of queues. Here the command's bytes are
+  built when the set changes; each fetch only picks where the key list starts,
+  just after the queue served last, so every shard with work gets its turn.
+- **One priority step.** Every producer sends with one too (``gpu_tasks.app``): a
+  shard's requests stay in one list, in order.
+- **The source queue travels with the message.** Each delivery is stamped with the
+  list it was popped from (``delivery_info["gpu_tasks_source"]``), so fencing,
+  requeueing and recovery put it back exactly there, whatever its routing key says.
+- **Put back at the head.** A requeued message (``reject(requeue=True)``, a restore
+  at shutdown) goes back to the head of its queue, not the tail: a shard's order is
+  its entities' order.
+- **Unacknowledged messages per GPU.** Each GPU keeps its own unacked keys, so a
+  worker restarted after a crash can put back at once what it had taken
+  (:func:`restore_unacked`) instead of waiting for the visibility timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+import redis
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+
+from gpu_tasks.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SOURCE = "gpu_tasks_source"
+"""Key in a delivered message's ``delivery_info``: the queue it was popped from."""
+
+
+def unacked_keys(gpu: str) -> dict[str, str]:
+    """Transport options that give ``gpu`` its own unacknowledged-message keys."""
+    return {
+        "unacked_key": f"gpu-tasks:unacked:{gpu}",
+        "unacked_index_key": f"gpu-tasks:unacked_index:{gpu}",
+        "unacked_mutex_key": f"gpu-tasks:unacked_mutex:{gpu}",
+    }
+
+
+def source_queue(payload: Any, routing_key: str | None = None) -> str | None:
+    """The queue a raw message was popped from (or, never stamped, its routing key)."""
+    try:
+        source = payload["properties"]["delivery_info"].get(SOURCE)
+    except (TypeError, KeyError, AttributeError):
+        source = None
+    return source if isinstance(source, str) else routing_key
+
+
+def _mark_redelivered(payload: Any) -> None:
+    with contextlib.suppress(TypeError, KeyError):
+        payload["headers"]["redelivered"] = True
+        payload["properties"]["delivery_info"]["redelivered"] = True
+
+
+def _bulk(arg: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(arg), arg)
+
+
+class GpuQoS(kombu_redis.QoS):  # type: ignore[misc]
+    """kombu's ack emulation, requeueing at the head of the message's source queue."""
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if requeue:
+            self.restore_by_tag(delivery_tag, leftmost=False)  # RPUSH: the head
+        else:
+            self._remove_from_indices(delivery_tag).execute()
+        virtual.QoS.ack(self, delivery_tag)
+
+    def settle(self, message: Any, queue: str | None, *, head: bool) -> None:
+        """Put ``message`` on ``queue`` (at its head, or its tail as if newly sent) and
+        forget its delivery, in one transaction: never lost, never in two places.
+        ``queue`` None drops it (it was answered some other way)."""
+        tag = message.delivery_tag
+        with self.channel.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=True)
+            if queue is not None:
+                (pipe.rpush if head else pipe.lpush)(queue, json.dumps(message._raw))
+            self._remove_from_indices(tag, pipe)
+            pipe.execute()
+        virtual.QoS.ack(self, tag)
+        message._state = "ACK"
+
+
+class _Rotation:
+    """Stands in for kombu's queue cycle: remembers where the next BRPOP starts."""
+
+    def __init__(self, channel: GpuChannel) -> None:
+        self.channel = channel
+
+    def update(self, queues: Any) -> None:
+        self.channel._brpop_dirty = True
+
+    def consume(self, n: int) -> list[str]:
+        return self.channel.active_queues[:n]
+
+    def rotate(self, last_used: str) -> None:
+        position = self.channel._brpop_position.get(last_used)
+        if position is not None:
+            self.channel._brpop_next = position + 1
+
+
+class GpuChannel(kombu_redis.Channel):  # type: ignore[misc]
+    """kombu's Redis channel with a prepacked, rotating BRPOP (see the module docstring)."""
+
+    QoS = GpuQoS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._brpop_dirty = True
+        self._brpop_queues: list[str] = []
+        self._brpop_position: dict[str, int] = {}
+        self._brpop_keys = b""
+        self._brpop_offsets: list[int] = [0]
+        self._brpop_next = 0
+        super().__init__(*args, **kwargs)
+        if self.global_keyprefix:
+            raise ConfigError("GPU workers do not support kombu's global_keyprefix")
+        self.priority_steps = [0]
+        self._queue_cycle = _Rotation(self)
+
+    def _update_queue_cycle(self) -> None:
+        self._brpop_dirty = True
+
+    @property
+    def active_queues(self) -> list[str]:
+        """Queues being consumed from (no fanout ones), in the order they were added."""
+        if self._brpop_dirty:
+            self._repack()
+        return self._brpop_queues
+
+    def _repack(self) -> None:
+        queues = list(dict.fromkeys(
+            q for q in self._active_queues if q not in self.active_fanout_queues))
+        segments = [_bulk(q.encode("utf-8")) for q in queues]
+        offsets = [0]
+        for segment in segments:
+            offsets.append(offsets[-1] + len(segment))
+        self._brpop_queues = queues
+        self._brpop_position = {q: i for i, q in enumerate(queues)}
+        self._brpop_keys = b"".join(segments)
+        self._brpop_offsets = offsets
+        self._brpop_dirty = False
+
+    def brpop_command(self, timeout: float) -> bytes:
+        """The packed ``BRPOP`` for the next fetch: every consumed queue, starting just
+        after the one served last."""
+        queues = self.active_queues
+        start = self._brpop_next % len(queues)
+        cut = self._brpop_offsets[start]
+        keys = self._brpop_keys
+        return b"".join((
+            b"*%d\r\n$5\r\nBRPOP\r\n" % (len(queues) + 2),
+            keys[cut:], keys[:cut],
+            _bulk(str(timeout or 0).encode()),
+        ))
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        if timeout is None:
+            timeout = self.brpop_timeout
+        if not self.active_queues:
+            return
+        command = self.brpop_command(timeout)
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]
+        self.client.connection.send_packed_command([command])
+
+    def _do_restore_message(self, payload: Any, exchange: str, routing_key: str,
+                            pipe: Any, leftmost: bool = False) -> None:
+        source = source_queue(payload)
+        if source is None:
+            super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
+            return
+        _mark_redelivered(payload)
+        (pipe.lpush if leftmost else pipe.rpush)(source, json.dumps(payload))
+
+
+class GpuTransport(kombu_redis.Transport):  # type: ignore[misc]
+    """kombu's Redis transport with :class:`GpuChannel`; stamps each delivery's source."""
+
+    Channel = GpuChannel
+
+    def _deliver(self, message: Any, queue: str) -> None:
+        with contextlib.suppress(TypeError, KeyError):  # not a kombu message: Celery says so
+            message["properties"]["delivery_info"][SOURCE] = queue
+        super()._deliver(message, queue)
+
+
+TRANSPORT = f"{GpuTransport.__module__}:{GpuTransport.__qualname__}"
+"""``broker_transport`` of a GPU worker."""
+
+
+def restore_unacked(client: redis.Redis, gpu: str) -> int:
+    """Put every message ``gpu``'s last worker had taken and not acknowledged back at the
+    head of its source queue, earliest taken first in line; returns how many.
+
+    Only the holder of ``gpu``'s lease may call this (a worker at boot): nobody else
+    touches these keys meanwhile."""
+    keys = unacked_keys(gpu)
+    order = client.zrange(keys["unacked_index_key"], 0, -1)
+    held = client.hgetall(keys["unacked_key"])
+    tags = [t for t in order if t in held] + [t for t in held if t not in set(order)]
+    pipe = client.pipeline(transaction=True)
+    restored = 0
+    for tag in reversed(tags):  # RPUSH each at the head, the latest first
+        try:
+            payload, _exchange, routing_key = json.loads(held[tag])
+        except (ValueError, TypeError):
+            log.error("%s: dropping an unreadable unacknowledged entry %r", gpu, held[tag][:200])
+            continue
+        queue = source_queue(payload, routing_key)
+        if not queue:
+            log.error("%s: an unacknowledged message names no queue: %r", gpu, payload)
+            continue
+        _mark_redelivered(payload)
+        pipe.rpush(queue, json.dumps(payload))
+        restored += 1
+    pipe.delete(keys["unacked_key"], keys["unacked_index_key"])
+    pipe.execute()
+    return restored
