@@ -8,8 +8,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 import redis
@@ -67,6 +68,24 @@ def spare_url(redis_server: RedisServer) -> Iterator[str]:
     yield url
 
 
+@contextmanager
+def own_cluster(settings: Settings, redis_url: str, tmp_path: Path, gpus: int,
+                **changes: Any) -> Iterator[LocalCluster]:
+    """A cluster of ``gpus`` sim workers of its own, in the database ``redis_url``, with the
+    shared app pointed at it meanwhile: for tests that change the map or kill workers."""
+    from gpu_tasks.app import configure
+
+    own = settings.replace(redis_url=redis_url, data_dir=str(tmp_path / "gpu-tasks"),
+                           **changes)
+    cluster = LocalCluster(own, gpus=gpus, backend="sim", flower=False)
+    configure(own)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+        configure(settings)
+
+
 def gpu_tasks_cli(*args: str, env: dict[str, str] | None = None,
                   timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run the ``gpu-tasks`` CLI in a child process, as a user would."""
@@ -91,3 +110,18 @@ def wait_until(condition: Callable[[], T], timeout: float = 30.0, interval: floa
             raise AssertionError(f"still not so after {timeout}s" + (f": {detail}" if detail
                                                                       else ""))
         time.sleep(interval)
+
+
+def entity_owned_by(client: redis.Redis, gpu: str, prefix: str, *,
+                    not_in: frozenset[int] = frozenset()) -> str:
+    """An entity id whose shard ``gpu`` owns now (and is not one of ``not_in``)."""
+    from gpu_tasks.routing import shard_index
+    from gpu_tasks.shardmap import ShardMapStore
+
+    shard_map = ShardMapStore(client).load()
+    for i in range(100_000):
+        entity = f"{prefix}-{i}"
+        index = shard_index(entity, shard_map.shard_count)
+        if shard_map.shards[index].owner == gpu and index not in not_in:
+            return entity
+    raise AssertionError(f"no entity of {gpu} found")

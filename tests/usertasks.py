@@ -29,3 +29,29 @@ def slow(gpu: Any, seconds: float, marker: str) -> dict[str, Any]:
 @gpu_task
 def whoami(gpu: Any) -> int:
     return gpu.generation
+
+
+_client: Any = None
+
+
+def executions_client() -> Any:
+    """A Redis client of the worker's deployment, made once per pool child."""
+    global _client
+    if _client is None:
+        from gpu_tasks import settings
+
+        _client = settings.current().redis_client()
+    return _client
+
+
+@gpu_task(name="tests.record")
+def record(gpu: Any, log: str, seq: int = 0, seconds: float = 0.0) -> dict[str, Any]:
+    """Append ``<entity>:<seq>`` to the Redis list ``log`` once per execution, so tests count
+    executions, not results. With ``seconds``, first mark ``<log>:running`` and sleep: a test
+    can kill the worker while this request is certainly mid-execution."""
+    client = executions_client()
+    if seconds:
+        client.set(f"{log}:running", f"{gpu.entity_id}:{seq}")
+        time.sleep(seconds)
+    client.rpush(log, f"{gpu.entity_id}:{seq}")
+    return {"seq": seq}

@@ -249,27 +249,32 @@ class DeviceRuntime:
         self.fleet.heartbeat(self.record())
         return lost
 
+    def sync_ownership(self) -> None:
+        """Drop the buffers of shards this GPU no longer serves (on the task thread, where
+        device memory may be freed), once per change of the map's epoch."""
+        table = ownership.table
+        if table is None or table.epoch == self._seen_epoch:
+            return
+        self._seen_epoch = table.epoch
+        served = set(table.served())
+        lost = [i for i in self.store.shards() if i not in served]
+        if lost:
+            dropped = self.store.drop_shards(
+                lost, f"when its shard stopped being served by {self.identity.queue}")
+            log.warning("%s: shard map epoch %d: dropped %d buffers of %d shards this GPU no "
+                        "longer serves", self.identity.queue, self._seen_epoch, dropped,
+                        len(lost))
+
     def serve(self, entity_id: str, task_name: str) -> int:
         """The entity's shard, if this GPU serves it now; else the request goes back to the
         head of its shard's queue (``Reject(requeue=True)``) for the shard's new consumer.
 
         The main process admitted the request when this GPU served its shard; the map may
-        have moved it since. Lost shards' buffers are dropped here, on the task thread."""
+        have moved it since."""
         index = shard_index(entity_id, self.shard_count)
         table = ownership.table
         if table is None:  # a runtime without a worker around it (tests of the device layer)
             return index
-        epoch = table.epoch
-        if epoch != self._seen_epoch:
-            self._seen_epoch = epoch
-            served = set(table.served())
-            lost = [i for i in self.store.shards() if i not in served]
-            if lost:
-                dropped = self.store.drop_shards(
-                    lost, f"when its shard stopped being served by {self.identity.queue}")
-                log.warning("%s: shard map epoch %d: dropped %d buffers of %d shards this "
-                            "GPU no longer serves", self.identity.queue, epoch, dropped,
-                            len(lost))
         if not table.lease_held():
             raise Reject(f"{self.identity.queue} does not hold its lease; {task_name} for "
                          f"{entity_id!r} goes back to its queue", requeue=True)
@@ -344,6 +349,7 @@ def execute(
     """Run one GPU task body on this GPU (the executor ``gpu_tasks.task`` calls): an
     entity request on its entity's context, a GPU-queue request on the GPU's."""
     runtime = current()
+    runtime.sync_ownership()
     ctx: EntityContext | GpuContext
     eid: str | None = None
     shard: int | None = None
