@@ -431,7 +431,8 @@ def demo(ctx: click.Context, entity_count: int, timeout_s: float, as_json: bool)
                 "every entity stayed on one GPU and every result is right"
                 if ok
                 else "[red]FAILED[/]"
-            )
+            ),
+            soft_wrap=True,
         )
     if not ok:
         sys.exit(1)
