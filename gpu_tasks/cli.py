@@ -262,7 +262,7 @@ def worker(
     )
     identity = WorkerIdentity(settings.node, gpu_index, resolve_backend(settings.backend))
     settings.require_redis_url()
-    run_worker(identity, settings, loglevel=loglevel or settings.log_level, pool=pool)
+    sys.exit(run_worker(identity, settings, loglevel=loglevel or settings.log_level, pool=pool))
 
 
 # -- submit -----------------------------------------------------------------------------

@@ -338,6 +338,28 @@ def test_a_frozen_worker_loses_its_lease_then_resumes(
         assert executions(client, log) == {"frozen-user:0": 1}
 
 
+def test_a_worker_whose_lease_was_taken_over_stops_and_exits_3(
+        spare_url: str, settings: Settings, tmp_path: Path) -> None:
+    with own_cluster(settings, spare_url, tmp_path, gpus=1, shard_count=16) as cluster:
+        client = cluster.settings.redis_client()
+        worker = cluster.workers[0]
+        # When another worker's token replaces this one's (it was presumed dead)
+        client.hset(f"gpu-tasks:lease:{GPU0}", "token", "another-worker")
+        # Then it stops consuming and exits with status 3, saying why
+        assert worker.popen.wait(30) == 3
+        assert "lost the GPU's lease to another worker" in worker.log_tail(20_000)
+        # And work sent afterwards waits in its queue for the GPU's rightful worker
+        log = new_log()
+        waiting = record("after-the-loss", log)
+        wait_until(lambda: client.llen(shard_name(shard_index("after-the-loss", 16))) == 1,
+                   timeout=10)
+        assert executions(client, log) == {}
+        client.delete(f"gpu-tasks:lease:{GPU0}")
+        cluster.workers[0] = cluster.start_worker(0)
+        assert waiting.get(timeout=TIMEOUT)["gpu"] == GPU0
+        assert executions(client, log) == {"after-the-loss:0": 1}
+
+
 def test_no_shard_starves_while_another_is_flooded(
         spare_url: str, settings: Settings, tmp_path: Path) -> None:
     # Given one GPU owning all 1024 shards, 5,000 requests queued for one entity and

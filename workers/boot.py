@@ -72,9 +72,10 @@ def install_executor() -> None:
 
 def run_worker(
     identity: WorkerIdentity, settings: Settings, loglevel: str = "INFO", pool: str = "prefork"
-) -> None:
+) -> int:
     """Pin, take the GPU's lease, put back what a crashed predecessor had taken, wire the
-    shard consumption and the device lifecycle, and run the worker (blocks).
+    shard consumption and the device lifecycle, and run the worker (blocks); returns the
+    worker's exit status.
 
     Raises :class:`~gpu_tasks.errors.LeaseHeld` when a live worker serves this GPU."""
     pin_to_gpu(identity.gpu_index)
@@ -127,18 +128,17 @@ def run_worker(
         signals.worker_ready.connect(lambda **_: _open_device(), weak=False)
         signals.worker_shutdown.connect(lambda **_: _close_device(), weak=False)
 
+    worker = app.Worker(
+        hostname=identity.worker,
+        pool_cls=pool,
+        concurrency=1,
+        loglevel=loglevel,
+        queues=[identity.queue],
+        without_gossip=True,
+        without_mingle=True,
+    )
     try:
-        app.worker_main(
-            [
-                "worker",
-                f"--queues={identity.queue}",
-                f"--hostname={identity.worker}",
-                f"--pool={pool}",
-                "--concurrency=1",
-                f"--loglevel={loglevel}",
-                "--without-gossip",
-                "--without-mingle",
-            ]
-        )
+        worker.start()
     finally:
         consumption.release_lease()
+    return int(worker.exitcode or 0)

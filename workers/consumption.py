@@ -123,6 +123,8 @@ class Consumption:
 
     def reconcile(self, c: Consumer, map_epoch: int) -> None:
         """Consume exactly the queues of the shards this GPU consumes at the map's epoch."""
+        if c.task_consumer is None:
+            return  # between a lost connection and the consumer's restart
         shard_count, wanted, epoch = 0, [], -1
         if map_epoch >= 0:
             try:
