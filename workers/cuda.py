@@ -13,15 +13,28 @@ the numpy twins in :mod:`workers.sim` define what they must compute.
 
 Errors: a full device is :class:`~gpu_tasks.errors.OutOfMemory`; a sticky
 driver error (an illegal address, a failed launch) leaves the context unusable,
-so it becomes :class:`~workers.backend.DevicePoisoned` and the runtime rebuilds
-the context (``close()`` then ``open()``); any other driver or compiler error is
+so it becomes :class:`~workers.backend.DevicePoisoned` and the runtime ends the
+pool child (CUDA: "the process must be terminated and relaunched"); any other
+driver or compiler error, a launch that asks for too many resources included, is
 a :class:`~gpu_tasks.errors.DeviceError` that names the operation.
+
+Opening checks what would otherwise fail at the first task: ``nvcc`` on PATH
+(PyCUDA compiles kernels at run time), and a driver new enough for the CUDA that
+PyCUDA was built with and for the toolkit (:func:`version_problems`).
+
+Device objects are finalised only on the task thread: temporaries are freed
+explicitly, tracebacks of driver errors are cleared, and the pool child runs
+Python's cycle collector itself after each task (:attr:`CudaBackend.collects_garbage`):
+a pooled allocation freed from another thread (the heartbeat's) throws inside a
+destructor where the context is not current, which aborts the process.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -37,7 +50,9 @@ ARITHMETIC_DTYPES = ("float32", "float64", "int32", "int64")
 
 # Pieces of cuGetErrorString() texts (PyCUDA puts them in its messages) of the
 # errors that poison a context: once one happened, every later call fails too.
-# PyCUDA raises most of them as LogicError, not LaunchError, so the text decides.
+# PyCUDA raises most of them as LogicError, and also raises LaunchError for errors
+# that are not sticky (CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: "too many resources
+# requested for launch"), so the text decides, never the class.
 _STICKY_ERRORS = (
     "illegal memory access",
     "illegal address",
@@ -53,6 +68,12 @@ _STICKY_ERRORS = (
     "hardware stack error",
     "uncorrectable ecc",
     "ecc uncorrectable",
+)
+
+_NOT_STICKY_ERRORS = (
+    "too many resources requested",
+    "out of resources",
+    "incompatible texturing",
 )
 
 _TILE = 16
@@ -127,15 +148,75 @@ def normalize_pci_bus_id(bus_id: str) -> str:
         return text.lower()
 
 
+def sticky_error(text: str) -> bool:
+    """True when a driver error's text is one of those that leave the context unusable."""
+    text = text.lower()
+    if any(marker in text for marker in _NOT_STICKY_ERRORS):
+        return False
+    return any(marker in text for marker in _STICKY_ERRORS)
+
+
 def is_sticky(exc: BaseException) -> bool:
     """True when ``exc`` is a PyCUDA error that leaves the context unusable."""
     cuda = _driver()
     if not isinstance(exc, cuda.Error) or isinstance(exc, (cuda.MemoryError, cuda.CompileError)):
         return False
-    if isinstance(exc, cuda.LaunchError):
-        return True
-    text = str(exc).lower()
-    return any(marker in text for marker in _STICKY_ERRORS)
+    return sticky_error(str(exc))
+
+
+Version = tuple[int, int]
+
+
+def nvcc_version(nvcc: str) -> Version | None:
+    """The CUDA release of the toolkit's ``nvcc`` ("release 13.0, V13.0.48"), if it says."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=30,
+                             check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _cuda_version(number: int) -> Version:
+    """CUDA's encoding of a version (12040) as (12, 4)."""
+    return number // 1000, (number % 1000) // 10
+
+
+def version_problems(driver: Version, pycuda_built: Version | None,
+                     toolkit: Version | None) -> list[str]:
+    """What cannot work with a driver that supports CUDA ``driver``: PyCUDA built against a
+    newer CUDA (from CUDA 13 it calls cuCtxCreate_v4, which only R580+ drivers have), or an
+    nvcc newer than the driver (its kernels would not load)."""
+    def text(v: Version) -> str:
+        return f"{v[0]}.{v[1]}"
+
+    problems = []
+    if pycuda_built is not None and pycuda_built > driver:
+        problems.append(
+            f"PyCUDA was built against CUDA {text(pycuda_built)} but the NVIDIA driver supports "
+            f"CUDA up to {text(driver)}: install a driver for CUDA {text(pycuda_built)} or newer "
+            f"(CUDA 13 needs R580+), or rebuild PyCUDA against a toolkit <= {text(driver)} "
+            "(ops/gpu-check builds it with the host's nvcc)")
+    if toolkit is not None and toolkit > driver:
+        problems.append(
+            f"nvcc is from CUDA {text(toolkit)} but the NVIDIA driver supports CUDA up to "
+            f"{text(driver)}, so the kernels it compiles would not load: put a toolkit <= "
+            f"{text(driver)} first on PATH, or update the driver")
+    return problems
+
+
+def require_nvcc() -> str:
+    """``nvcc``'s path, or a :class:`ConfigError` that says how to provide it: PyCUDA compiles
+    every kernel at run time by running ``nvcc`` from PATH."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise ConfigError(
+            "nvcc is not on PATH: PyCUDA compiles this worker's kernels at run time with the "
+            "CUDA toolkit's nvcc. Put the toolkit's bin directory on the worker's PATH (the "
+            "systemd unit sets PATH=...:/usr/local/cuda/bin; override it in "
+            "/etc/gpu-tasks/env for a toolkit elsewhere)")
+    return nvcc
 
 
 class CudaBackend:
@@ -158,15 +239,26 @@ class CudaBackend:
 
     # -- context ---------------------------------------------------------------
 
+    collects_garbage = True
+    """The runtime turns Python's automatic cycle collector off in this process and runs
+    it on the task thread instead (see the module docstring)."""
+
     def open(self) -> None:
-        """Make a context on device 0, check it is GPU ``gpu_index``, start the pool."""
+        """Check the toolkit, make a context on device 0, check it is GPU ``gpu_index`` and
+        that the driver can run what PyCUDA and nvcc make, start the memory pool."""
         if self._ctx is not None:
             self.close()
+        nvcc = require_nvcc()
         cuda = _driver()
         from pycuda.tools import DeviceMemoryPool
 
         try:
             cuda.init()
+            built = cuda.get_version()
+            problems = version_problems(_cuda_version(cuda.get_driver_version()),
+                                        (int(built[0]), int(built[1])), nvcc_version(nvcc))
+            if problems:
+                raise ConfigError("; ".join(problems))
             if cuda.Device.count() < 1:
                 raise ConfigError("CUDA sees no device in this process; check "
                                   "CUDA_VISIBLE_DEVICES and the driver")
@@ -275,16 +367,19 @@ class CudaBackend:
         except (DevicePoisoned, DeviceError):
             raise
         except cuda.MemoryError as exc:
+            _forget_frames(exc)
             raise OutOfMemory(f"{what}: the device ran out of memory on {self.info.uuid}: "
-                              f"{exc}") from exc
+                              f"{exc}") from None
         except cuda.Error as exc:
+            _forget_frames(exc)
             if is_sticky(exc):
                 self._poisoned = True
                 raise DevicePoisoned(f"{what} left the CUDA context on {self.info.uuid} "
-                                     f"unusable: {exc}") from exc
-            raise DeviceError(f"{what} failed on {self.info.uuid}: {exc}") from exc
-        except OSError as exc:  # nvcc missing when a kernel is first compiled
-            raise DeviceError(f"{what} failed on {self.info.uuid}: {exc}") from exc
+                                     f"unusable: {exc}") from None
+            raise DeviceError(f"{what} failed on {self.info.uuid}: {exc}") from None
+        except OSError as exc:  # nvcc vanished after open() checked it
+            _forget_frames(exc)
+            raise DeviceError(f"{what} failed on {self.info.uuid}: {exc}") from None
 
     def _sync(self) -> None:
         """Wait for queued work so that its errors surface inside the current task."""
@@ -395,7 +490,11 @@ class CudaBackend:
             return 0.0
         with self._device("sum"):
             knl = self._reduction_sum(x.dtype)
-            result = knl(self._array(x)).get()
+            partial = knl(self._array(x))
+            try:
+                result = partial.get()
+            finally:
+                partial.gpudata.free()  # back to the pool now, on this thread
         return float(result)
 
     def sgemm(self, a: Buffer, b: Buffer, c: Buffer, alpha: float, beta: float) -> None:
@@ -423,9 +522,10 @@ class CudaBackend:
             func.prepared_call((1, 1), (1, 1, 1), np.int32(1))
             self._sync()
         except cuda.Error as exc:
+            _forget_frames(exc)
             self._poisoned = True
             raise DevicePoisoned(f"deliberate illegal memory access on {self.info.uuid}: {exc}; "
-                                 "the context is unusable") from exc
+                                 "the context is unusable") from None
         # The driver did not notice (it always does); rebuild anyway, as promised.
         self._poisoned = True
         raise DevicePoisoned(f"deliberate illegal memory access on {self.info.uuid} reported no "
@@ -497,6 +597,13 @@ class CudaBackend:
             return func
 
         return self._cached(("fault",), build)
+
+
+def _forget_frames(exc: BaseException) -> None:
+    """Drop the locals of a driver error's finished frames (temporary GPUArrays among
+    them), so no traceback kept for reporting holds device memory, to be freed later by
+    whichever thread happens to collect it."""
+    traceback.clear_frames(exc.__traceback__)
 
 
 def _require(buf: Buffer, dtypes: tuple[str, ...], param: str) -> None:

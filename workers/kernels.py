@@ -19,6 +19,7 @@ from workers.backend import Backend, Buffer
 from workers.store import BufferStore, parse_name
 
 ARITHMETIC = ("float32", "float64", "int32", "int64")
+_MAX_SGEMM_DIM = (1 << 31) - 1
 FILLABLE = (*ARITHMETIC, "uint8")
 
 
@@ -86,6 +87,10 @@ def _sgemm(be: Backend, b: dict[str, Buffer], s: dict[str, float]) -> dict[str, 
                 f"{param} must be a 2-D matrix, has shape {list(b[param].shape)}", param
             )
     (m, k), (k2, n), (m2, n2) = b["a"].shape, b["b"].shape, b["c"].shape
+    for param, dims in (("a", (m, k)), ("b", (k2, n))):
+        if max(dims) > _MAX_SGEMM_DIM:  # the kernel indexes rows and columns with int32
+            raise BadRequest(f"{param} has shape {list(dims)}; sgemm takes dimensions up to "
+                             f"{_MAX_SGEMM_DIM}", param)
     if k2 != k:
         raise BadRequest(f"b has {k2} rows but a has {k} columns", "b")
     if (m2, n2) != (m, n):
