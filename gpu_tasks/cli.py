@@ -111,15 +111,13 @@ def route(ctx: click.Context, entities: tuple[str, ...], as_json: bool) -> None:
     """Print the shard, queue and owning GPU of each ENTITY."""
     from dataclasses import replace
 
-    from gpu_tasks.app import shard_count_reader
     from gpu_tasks.routing import EntityRouter, validate_entity_id
     from gpu_tasks.shardmap import ShardMapStore
 
-    settings = _settings(ctx)
     for entity in entities:
         validate_entity_id(entity)
-    shard_map = ShardMapStore(settings.redis_client()).load()
-    router = EntityRouter(shard_count_reader(settings))
+    shard_map = ShardMapStore(_settings(ctx).redis_client()).load()
+    router = EntityRouter(lambda: shard_map.shard_count)
     routes = [router.route(e) for e in entities]
     routes = [replace(r, owner=shard_map.shards[r.shard_index].owner) for r in routes]
     if as_json:

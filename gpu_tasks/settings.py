@@ -83,6 +83,10 @@ class Settings:
     redis_timeout_s: float = 5.0
     """Connect and socket timeout of gpu-tasks' own Redis clients (shard map, leases,
     fleet registry): a hung Redis fails those calls instead of blocking them."""
+    device_open_timeout_s: float = 120.0
+    """How long a GPU worker waits for a new pool child to open its device (cuInit, the
+    context, the checks) before killing and replacing it; Celery's 4 s default is too short
+    for cuInit without persistence mode, and the child would be replaced in a loop."""
     task_time_limit_s: float = 300.0
     """Hard time limit of one device task; the pool child is replaced past it."""
     visibility_timeout_s: float = 3600.0
@@ -115,7 +119,7 @@ class Settings:
                 f"({self.map_poll_s}): the lease is renewed every map_poll_s"
             )
         for name in ("lease_ttl_s", "map_poll_s", "heartbeat_s", "redis_timeout_s",
-                     "task_time_limit_s", "sim_memory_bytes"):
+                     "device_open_timeout_s", "task_time_limit_s", "sim_memory_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
 
@@ -182,7 +186,7 @@ def env_name(field_name: str) -> str:
 _INT_FIELDS = {"shard_count"}
 _SIZE_FIELDS = {"sim_memory_bytes", "entity_memory_bytes"}
 _FLOAT_FIELDS = {"lease_ttl_s", "map_poll_s", "heartbeat_s", "redis_timeout_s",
-                 "task_time_limit_s", "visibility_timeout_s"}
+                 "device_open_timeout_s", "task_time_limit_s", "visibility_timeout_s"}
 
 
 def _convert(name: str, raw: str) -> Any:

@@ -10,6 +10,7 @@ from collections import defaultdict
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 
 from gpu_tasks.cluster import LocalCluster
@@ -185,13 +186,18 @@ def test_out_of_memory_is_an_answer_not_a_crash(cluster: LocalCluster) -> None:
     call(free, entity_id=e2)
 
 
-def test_a_poisoned_context_is_rebuilt_and_old_handles_are_stale(cluster: LocalCluster) -> None:
+def test_a_poisoned_context_ends_the_pool_child_and_old_handles_are_stale(
+        cluster: LocalCluster) -> None:
     e = entity_on(cluster, 3, "poison")
     old = call(alloc, entity_id=e, name="keep", shape=[4])["generation"]
+    worker = psutil.Process(cluster.workers[3].popen.pid)
+    (child,) = worker.children()
     with pytest.raises(ContextPoisoned, match=f"generation {old} -> {old + 1}") as raised:
         call(run, entity_id=e, kernel="fault")
     assert raised.value.generation == old + 1
-    with pytest.raises(StaleHandle, match="lost when the device context was rebuilt") as stale:
+    # The poisoned child ended (CUDA: the process must be relaunched); a fresh one serves
+    wait_until(lambda: [c.pid for c in worker.children()] not in ([], [child.pid]), timeout=30)
+    with pytest.raises(StaleHandle, match="lost when the device context failed") as stale:
         call(read, entity_id=e, name="keep")
     assert (stale.value.handle_generation, stale.value.generation) == (old, old + 1)
     assert_still_serving(e)
@@ -262,3 +268,14 @@ def test_flower_sees_every_gpu_worker(cluster: LocalCluster) -> None:
                    for i in range(GPUS))
 
     wait_until(all_online, timeout=20)
+
+
+def test_a_gpu_worker_gives_its_pool_child_time_to_open_the_device(
+        cluster: LocalCluster) -> None:
+    # Celery kills and reforks a pool child that is not up within 4 s by default; cuInit
+    # and the context can take longer than that on a GPU without persistence mode.
+    from gpu_tasks.app import app
+
+    worker = f"gpu0@{NODE}"
+    conf = app.control.inspect(destination=[worker], timeout=5).conf()[worker]
+    assert conf["worker_proc_alive_timeout"] == cluster.settings.device_open_timeout_s >= 60

@@ -97,6 +97,7 @@ def run_worker(
         broker_transport_options={**app.conf.broker_transport_options,
                                   **unacked_keys(identity.queue)},
         worker_consumer=CONSUMER,
+        worker_proc_alive_timeout=settings.device_open_timeout_s,
     )
     app.steps["consumer"].add(bootstep(consumption))
     control.install()
@@ -116,6 +117,14 @@ def run_worker(
             return
         runtime.install(rt)
         rt.start_heartbeat()
+
+    @signals.task_postrun.connect(weak=False)
+    def _after_task(**_: Any) -> None:
+        # After the result is stored: the runtime may collect garbage, or end this child
+        # (SystemExit) when the task poisoned the device context.
+        rt = runtime._runtime
+        if rt is not None:
+            rt.after_task()
 
     @signals.worker_process_shutdown.connect(weak=False)
     def _close_device(**_: Any) -> None:

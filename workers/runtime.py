@@ -4,12 +4,19 @@ Started by :mod:`workers.boot` in ``worker_process_init`` (after fork, after
 pinning), so the device context belongs to the process that uses it. Every GPU
 task goes through :func:`execute`, which checks the entity id, checks that this
 GPU still serves the entity's shard (:mod:`workers.ownership`), hands the body an
-:class:`EntityContext`, rebuilds the context if the body poisoned it, and wraps the
-result with where it ran.
+:class:`EntityContext` and wraps the result with where it ran.
+
+A request that poisons the device context is answered with
+:class:`~gpu_tasks.errors.ContextPoisoned`, and then the pool child ends
+(:meth:`DeviceRuntime.after_task`): CUDA says such a process must be terminated
+and relaunched, and the worker's parent, which never touched CUDA, forks a fresh
+child that opens a fresh context at the next generation. The buffer ledger
+(:mod:`workers.ledger`) tells that child what was lost, and why.
 """
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 import os
@@ -31,7 +38,13 @@ from gpu_tasks.settings import Settings
 from gpu_tasks.shardmap import ShardMapStore
 from workers import kernels, ownership
 from workers.backend import Backend, Buffer, DevicePoisoned, create_backend
+from workers.ledger import BufferLedger
 from workers.store import BufferStore
+
+EXIT_CONTEXT_POISONED = 75
+"""Exit status of a pool child ended after a poisoned device context (EX_TEMPFAIL)."""
+_FULL_COLLECTION_EVERY = 500
+"""Tasks between full cycle collections where the backend collects on the task thread."""
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +163,19 @@ class DeviceRuntime:
             self.fleet.next_generation(identity.queue),
             settings.entity_memory_bytes,
             shard_of=lambda entity_id: shard_index(entity_id, self.shard_count),
+            ledger=BufferLedger(client, identity.queue),
         )
         self.started_at = time.time()
+        self.ending: str | None = None
+        """Why this child must end after the task at hand (a poisoned context), or None."""
         self._seen_epoch = -2
+        self._tasks = 0
+        # The cycle collector runs in whichever thread allocates at the wrong moment; a
+        # backend whose device objects must be finalised on the task thread gets it there
+        # (after_task) and nowhere else.
+        self._collects_garbage = bool(getattr(self.backend, "collects_garbage", False))
+        if self._collects_garbage:
+            gc.disable()
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
         log.info(
@@ -220,34 +243,36 @@ class DeviceRuntime:
 
     @contextmanager
     def guard(self) -> Iterator[None]:
-        """Turn a poisoned context into a rebuilt one and a :class:`ContextPoisoned` answer."""
+        """Turn a poisoned context into a :class:`ContextPoisoned` answer, and doom this child:
+        it ends once the answer is stored (:meth:`after_task`)."""
         try:
             yield
         except DevicePoisoned as exc:
-            old = self.store.generation
-            lost = self.rebuild()
+            old, lost = self.store.generation, self.store.totals()["buffers"]
+            self.ending = f"when the device context failed ({exc})"
+            try:
+                if self.store.ledger is not None:
+                    self.store.ledger.ending(self.ending)
+            except Exception as ledger_exc:  # the loss is still reported, less precisely
+                log.warning("could not record why this pool child ends: %s", ledger_exc)
+            log.error("%s: the device context failed (%s); this pool child ends once the "
+                      "request is answered, and a fresh one opens the device at generation %d",
+                      self.identity.queue, exc, old + 1)
             raise ContextPoisoned(
-                f"the device context failed ({exc}) and was rebuilt: generation {old} -> "
-                f"{self.store.generation}; {lost} buffers on {self.identity.queue} were lost",
-                self.store.generation,
+                f"the device context failed ({exc}): generation {old} -> {old + 1}, in a fresh "
+                f"pool child; {lost} buffers on {self.identity.queue} were lost",
+                old + 1,
             ) from None
 
-    def rebuild(self) -> int:
-        """A fresh context at a new generation; returns how many buffers were lost."""
-        try:
-            self.backend.close()
-        except Exception as exc:
-            log.warning("closing the poisoned context: %s", exc)
-        self.backend.open()
-        lost = self.store.drop_all(self.fleet.next_generation(self.identity.queue))
-        log.warning(
-            "%s: context rebuilt at generation %d; %d buffers lost",
-            self.identity.worker,
-            self.store.generation,
-            lost,
-        )
-        self.fleet.heartbeat(self.record())
-        return lost
+    def after_task(self) -> None:
+        """After each task, its result stored: collect garbage here if the backend needs it,
+        and end this child if its context was poisoned (raises ``SystemExit``; the worker's
+        parent forks a fresh child, and the request, already answered, is not run again)."""
+        self._tasks += 1
+        if self._collects_garbage:
+            gc.collect(0 if self._tasks % _FULL_COLLECTION_EVERY else 2)
+        if self.ending is not None:
+            raise SystemExit(EXIT_CONTEXT_POISONED)
 
     def sync_ownership(self) -> None:
         """Drop the buffers of shards this GPU no longer serves (on the task thread, where

@@ -41,6 +41,7 @@ class SimBackend:
         self._open = False
 
     def mem_info(self) -> tuple[int, int]:
+        self._check_open()  # as the driver does on a poisoned context
         return self.info.total_bytes - self._used, self.info.total_bytes
 
     def alloc(self, nbytes: int) -> np.ndarray[Any, Any]:

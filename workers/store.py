@@ -1,15 +1,17 @@
 """The buffer store of one GPU: which entity of which shard owns which device buffer.
 
 Memory is accounted per GPU (the backend refuses what does not fit) and per
-entity (an optional quota). When the context is rebuilt every buffer is gone, and
-when a shard stops being served here its buffers are dropped; the store remembers
-which names were lost, when and why, so a later request for one fails with
-:class:`StaleHandle` instead of a puzzling :class:`NoSuchBuffer`.
+entity (an optional quota). Buffers are lost when the pool child holding them
+ends (a crash, a poisoned context) and when their shard stops being served here;
+the store remembers which names were lost, when and why, so a later request for
+one fails with :class:`StaleHandle` instead of a puzzling :class:`NoSuchBuffer`.
+With a :class:`~workers.ledger.BufferLedger` that memory outlives the process.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +20,7 @@ import numpy as np
 
 from gpu_tasks.errors import BadRequest, NoSuchBuffer, OutOfMemory, StaleHandle
 from workers.backend import DTYPES, Backend, Buffer
+from workers.ledger import BufferLedger, Loss
 
 MAX_DIMS = 8
 
@@ -76,14 +79,17 @@ class BufferStore:
         generation: int,
         entity_quota_bytes: int = 0,
         shard_of: Callable[[str], int] = _single_shard,
+        ledger: BufferLedger | None = None,
     ) -> None:
         self.backend = backend
         self.generation = generation
         self.entity_quota_bytes = entity_quota_bytes
         self.shard_of = shard_of
+        self.ledger = ledger
         self._shards: dict[int, dict[str, dict[str, Buffer]]] = {}
-        self._lost: dict[tuple[str, str], tuple[int, str]] = {}
-        """(entity, name) -> (generation it was lost at, why), for a clear answer later."""
+        self._lost: dict[tuple[str, str], Loss] = ledger.take_over() if ledger else {}
+        """(entity, name) -> when and why it was lost, for a clear answer later: what this
+        process lost, and with a ledger what the processes before it lost too."""
         self._used_bytes = 0
         # The heartbeat thread reads the totals while a task may be changing them.
         self._lock = threading.Lock()
@@ -110,11 +116,10 @@ class BufferStore:
             return buf
         lost = self._lost.get((entity_id, name))
         if lost is not None:
-            lost_at, why = lost
             raise StaleHandle(
-                f"buffer {name!r} of entity {entity_id!r} was lost {why} (generation "
-                f"{lost_at}; now generation {self.generation}); allocate it again",
-                lost_at,
+                f"buffer {name!r} of entity {entity_id!r} was lost {lost.why} (generation "
+                f"{lost.generation}; now generation {self.generation}); allocate it again",
+                lost.generation,
                 self.generation,
             )
         raise NoSuchBuffer(
@@ -177,11 +182,14 @@ class BufferStore:
             self.free(entity_id, name)
         allocation = self.backend.alloc(nbytes)
         buf = Buffer(entity_id, name, np_dtype, dims, self.generation, allocation)
+        index = self.shard_of(entity_id)
         with self._lock:
-            shard = self._shards.setdefault(self.shard_of(entity_id), {})
+            shard = self._shards.setdefault(index, {})
             shard.setdefault(entity_id, {})[name] = buf
             self._used_bytes += nbytes
             self._lost.pop((entity_id, name), None)
+        if self.ledger is not None:
+            self.ledger.allocated(entity_id, name, self.generation, index)
         return buf
 
     def free(self, entity_id: str, name: str | None = None) -> list[Buffer]:
@@ -202,39 +210,31 @@ class BufferStore:
                     if not shard:
                         del self._shards[index]
                 self._used_bytes -= buf.nbytes
+        forgotten: list[str] = []
         if name is None:
             with self._lock:
                 for key in [k for k in self._lost if k[0] == entity_id]:
                     del self._lost[key]
+                    forgotten.append(key[1])
+        if self.ledger is not None and (victims or forgotten):
+            self.ledger.freed(entity_id, [b.name for b in victims], forgotten)
         return victims
 
     def drop_shards(self, indices: Iterable[int], why: str) -> int:
         """Free every buffer of these shards and remember them as lost ``why``; returns
         how many buffers were dropped."""
-        dropped = 0
+        losses: dict[tuple[str, str], Loss] = {}
         for index in indices:
             with self._lock:
                 shard = self._shards.pop(index, {})
             for entity_id, bufs in shard.items():
                 for name, buf in bufs.items():
                     self.backend.release(buf.allocation)
+                    losses[(entity_id, name)] = Loss(self.generation, why, time.time())
                     with self._lock:
                         self._used_bytes -= buf.nbytes
-                        self._lost[(entity_id, name)] = (self.generation, why)
-                    dropped += 1
-        return dropped
-
-    def drop_all(self, new_generation: int) -> int:
-        """Forget every buffer after a context rebuild; returns how many were lost."""
         with self._lock:
-            lost = 0
-            for shard in self._shards.values():
-                for entity_id, bufs in shard.items():
-                    for name in bufs:
-                        self._lost[(entity_id, name)] = (
-                            self.generation, "when the device context was rebuilt")
-                        lost += 1
-            self._shards.clear()
-            self._used_bytes = 0
-            self.generation = new_generation
-        return lost
+            self._lost.update(losses)
+        if self.ledger is not None:
+            self.ledger.lost(losses)
+        return len(losses)
