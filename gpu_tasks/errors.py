@@ -11,6 +11,7 @@
           +-- OutOfMemory      the GPU (or the entity's quota) cannot hold the allocation
           +-- NoSuchBuffer     the entity has no buffer of that name on this GPU
           +-- StaleHandle      the buffer belonged to an older context generation
+          |    +-- EntityStateLost  the entity had the buffer here and it is gone
           +-- ContextPoisoned  the request broke the device context; it was rebuilt
 
 Device errors are rebuilt on the producer by Celery's JSON result backend, which
@@ -25,6 +26,7 @@ __all__ = [
     "ConfigError",
     "ContextPoisoned",
     "DeviceError",
+    "EntityStateLost",
     "GpuTasksError",
     "LeaseHeld",
     "NoSuchBuffer",
@@ -124,3 +126,39 @@ class ContextPoisoned(DeviceError):
     @property
     def generation(self) -> int:
         return int(self.args[1]) if len(self.args) > 1 else 0
+
+
+class EntityStateLost(StaleHandle):
+    """The entity had this buffer on this GPU and it is gone: the pool child holding it
+    ended (a crash, a poisoned context) or its shard stopped being served here. Never
+    answered with a silently recreated buffer: allocate it again to go on.
+
+    ``handle_generation`` is the generation the buffer was lost at, ``generation`` the
+    GPU's now; ``entity_id``, ``buffer``, ``gpu``, ``lost_at`` (Unix time) and ``why``
+    say which, where, when and why."""
+
+    def __init__(self, message: str, handle_generation: int = 0, generation: int = 0,
+                 entity_id: str = "", buffer: str = "", gpu: str = "", lost_at: float = 0.0,
+                 why: str = "") -> None:
+        DeviceError.__init__(self, message, handle_generation, generation, entity_id, buffer,
+                             gpu, lost_at, why)
+
+    @property
+    def entity_id(self) -> str:
+        return str(self.args[3]) if len(self.args) > 3 else ""
+
+    @property
+    def buffer(self) -> str:
+        return str(self.args[4]) if len(self.args) > 4 else ""
+
+    @property
+    def gpu(self) -> str:
+        return str(self.args[5]) if len(self.args) > 5 else ""
+
+    @property
+    def lost_at(self) -> float:
+        return float(self.args[6]) if len(self.args) > 6 else 0.0
+
+    @property
+    def why(self) -> str:
+        return str(self.args[7]) if len(self.args) > 7 else ""

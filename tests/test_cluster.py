@@ -14,7 +14,14 @@ import psutil
 import pytest
 
 from gpu_tasks.cluster import LocalCluster
-from gpu_tasks.errors import BadRequest, ContextPoisoned, NoSuchBuffer, OutOfMemory, StaleHandle
+from gpu_tasks.errors import (
+    BadRequest,
+    ContextPoisoned,
+    EntityStateLost,
+    NoSuchBuffer,
+    OutOfMemory,
+    StaleHandle,
+)
 from gpu_tasks.routing import shard_index, shard_name
 from gpu_tasks.settings import Settings
 from gpu_tasks.shardmap import ShardMapStore
@@ -197,9 +204,12 @@ def test_a_poisoned_context_ends_the_pool_child_and_old_handles_are_stale(
     assert raised.value.generation == old + 1
     # The poisoned child ended (CUDA: the process must be relaunched); a fresh one serves
     wait_until(lambda: [c.pid for c in worker.children()] not in ([], [child.pid]), timeout=30)
-    with pytest.raises(StaleHandle, match="lost when the device context failed") as stale:
+    with pytest.raises(EntityStateLost, match="lost when the device context failed") as stale:
         call(read, entity_id=e, name="keep")
     assert (stale.value.handle_generation, stale.value.generation) == (old, old + 1)
+    assert (stale.value.entity_id, stale.value.buffer, stale.value.gpu) == (e, "keep",
+                                                                           f"gpu.{NODE}.3")
+    assert "simulated illegal memory access" in stale.value.why
     assert_still_serving(e)
     made = call(alloc, entity_id=e, name="keep", shape=[4])
     assert made["generation"] == old + 1

@@ -24,7 +24,7 @@ from celery.result import AsyncResult
 
 from gpu_tasks.app import app
 from gpu_tasks.cluster import LocalCluster
-from gpu_tasks.errors import NoSuchBuffer, StaleHandle
+from gpu_tasks.errors import EntityStateLost, NoSuchBuffer
 from gpu_tasks.lease import LeaseStore
 from gpu_tasks.routing import shard_index, shard_name
 from gpu_tasks.settings import Settings
@@ -242,7 +242,7 @@ def test_workers_follow_the_shard_map_without_a_restart(
         assert stats.apply_async(queue=GPU0).get(timeout=TIMEOUT)["shards"] == 7
         epoch = store.assign({index: GPU0})
         wait_until(lambda: consume_by(leases, epoch), timeout=5)
-        with pytest.raises(StaleHandle, match="stopped being served by " + GPU0):
+        with pytest.raises(EntityStateLost, match="stopped being served by " + GPU0):
             read.apply_async(kwargs={"entity_id": entity, "name": "keep"}).get(timeout=TIMEOUT)
 
 

@@ -13,7 +13,7 @@ import redis
 
 from gpu_tasks.app import configure
 from gpu_tasks.cluster import LocalCluster
-from gpu_tasks.errors import DeviceError, StaleHandle
+from gpu_tasks.errors import DeviceError, EntityStateLost
 from gpu_tasks.fleet import FleetRegistry
 from gpu_tasks.redis_server import RedisServer
 from gpu_tasks.settings import Settings
@@ -59,7 +59,7 @@ def test_a_task_whose_pool_child_dies_is_redelivered_and_the_gpu_keeps_serving(
     assert pool_child(cluster, 0).pid == result["result"]["pid"]
     assert result["generation"] > before  # a new child is a new context generation
     # And the buffer the dead child held is reported lost, not missing, not recreated
-    with pytest.raises(StaleHandle, match=rf"lost when the pool child of generation {before} "
+    with pytest.raises(EntityStateLost, match=rf"lost when the pool child of generation {before} "
                                           rf"ended \(generation {before}; now generation"):
         read.apply_async(kwargs={"entity_id": e, "name": "kept"}).get(timeout=TIMEOUT)
     alloc.apply_async(kwargs={"entity_id": e, "name": "kept", "shape": [2]}).get(TIMEOUT)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from gpu_tasks.errors import BadRequest, NoSuchBuffer, OutOfMemory, StaleHandle
+from gpu_tasks.errors import BadRequest, EntityStateLost, NoSuchBuffer, OutOfMemory, StaleHandle
 from workers.backend import DTYPES, Backend, Buffer
 from workers.ledger import BufferLedger, Loss
 
@@ -116,11 +116,13 @@ class BufferStore:
             return buf
         lost = self._lost.get((entity_id, name))
         if lost is not None:
-            raise StaleHandle(
-                f"buffer {name!r} of entity {entity_id!r} was lost {lost.why} (generation "
-                f"{lost.generation}; now generation {self.generation}); allocate it again",
-                lost.generation,
-                self.generation,
+            gpu = self.ledger.gpu if self.ledger is not None else "this GPU"
+            raise EntityStateLost(
+                f"buffer {name!r} of entity {entity_id!r} on {gpu} was lost {lost.why} "
+                f"(generation {lost.generation}; now generation {self.generation}, at "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(lost.at))} UTC); allocate "
+                "it again",
+                lost.generation, self.generation, entity_id, name, gpu, lost.at, lost.why,
             )
         raise NoSuchBuffer(
             f"entity {entity_id!r} has no buffer {name!r} on this GPU "

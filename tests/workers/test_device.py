@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import redis
 
-from gpu_tasks.errors import BadRequest, NoSuchBuffer, OutOfMemory, StaleHandle
+from gpu_tasks.errors import BadRequest, EntityStateLost, NoSuchBuffer, OutOfMemory, StaleHandle
 from workers.backend import Backend, DevicePoisoned, create_backend
 from workers.kernels import launch
 from workers.ledger import BufferLedger
@@ -167,9 +167,11 @@ def test_the_next_process_knows_what_the_last_one_held_and_why_it_ended(
     # When the next child opens its store on the same ledger
     second = BufferStore(backend, generation=2, ledger=ledger)
     # Then x, which the first held, is reported lost with the reason; y was freed: no record
-    with pytest.raises(StaleHandle, match=r"lost when the device context failed \(a test\) "
-                                          r"\(generation 1; now generation 2\)"):
+    with pytest.raises(EntityStateLost, match=r"lost when the device context failed \(a test\) "
+                                              r"\(generation 1; now generation 2, at ") as lost:
         second.get("e", "x")
+    assert (lost.value.entity_id, lost.value.buffer, lost.value.gpu) == ("e", "x", "gpu.unit.0")
+    assert lost.value.why == "when the device context failed (a test)"
     with pytest.raises(NoSuchBuffer):
         second.get("e", "y")
     with pytest.raises(StaleHandle, match="generation 1"):
@@ -179,7 +181,7 @@ def test_the_next_process_knows_what_the_last_one_held_and_why_it_ended(
     assert get(second, "x").tolist() == [2, 2, 2, 2]
     assert second.get("e", "x").generation == 2
     third = BufferStore(backend, generation=3, ledger=ledger)
-    with pytest.raises(StaleHandle, match="lost when the pool child of generation 2 ended"):
+    with pytest.raises(EntityStateLost, match="lost when the pool child of generation 2 ended"):
         third.get("e", "x")
     third.free("e")  # freeing all of an entity forgets its losses too
     fourth = BufferStore(backend, generation=4, ledger=ledger)
