@@ -51,12 +51,23 @@ class Executor(Protocol):
 
 
 _executor: Executor | None = None
+_after_task: Callable[[], None] | None = None
 
 
-def install_executor(executor: Executor | None) -> None:
-    """Make ``executor`` run every GPU task body in this process (a GPU worker's boot)."""
-    global _executor
-    _executor = executor
+def install_executor(executor: Executor | None,
+                     after_task: Callable[[], None] | None = None) -> None:
+    """Make ``executor`` run every GPU task body in this process (a GPU worker's boot), and
+    ``after_task`` run after each one's result is stored."""
+    global _executor, _after_task
+    _executor, _after_task = executor, after_task
+
+
+class _AfterTask:
+    """Mixed into the task bases: Celery calls ``after_return`` once the result is stored."""
+
+    def after_return(self, *args: Any, **kwargs: Any) -> None:
+        if _after_task is not None:
+            _after_task()
 
 
 def _execute(task: Any, body: Callable[..., Any], entity_id: object,
@@ -69,21 +80,29 @@ def _execute(task: Any, body: Callable[..., Any], entity_id: object,
     return _executor(task, body, entity_id, args, kwargs)
 
 
-class GpuTask(Task):  # type: ignore[misc]
+RESULT_REPR_CHARS = 64
+"""How much of a result Celery's log line and task event (Flower) show: the where-it-ran
+fields come first. Celery's saferepr of the whole result would cost a trivial task
+about 30 us; the full result is always in the result backend."""
+
+
+class GpuTask(_AfterTask, Task):  # type: ignore[misc]
     """Base class of entity-routed tasks (the router names them in its refusals)."""
 
     entity_routed = True
     throws = (DeviceError,)  # answers, not worker faults: logged without a traceback
+    resultrepr_maxsize = RESULT_REPR_CHARS
     flat_result = False
     """Built-ins merge their dict result with the where-it-ran fields instead of nesting it."""
     body: Callable[..., Any]
 
 
-class GpuQueueTask(Task):  # type: ignore[misc]
+class GpuQueueTask(_AfterTask, Task):  # type: ignore[misc]
     """Base of tasks addressed to one GPU's queue (``queue=`` in apply_async), not by entity."""
 
     queue_addressed = True
     throws = (DeviceError,)
+    resultrepr_maxsize = RESULT_REPR_CHARS
     flat_result = True
     body: Callable[..., Any]
 

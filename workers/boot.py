@@ -56,7 +56,8 @@ def record_boot_failure(identity: WorkerIdentity, settings: Settings, reason: st
 
 def install_executor() -> None:
     """Run every declared GPU task through this process's runtime, built-ins through
-    their implementations."""
+    their implementations; after each, once its result is stored, let the runtime collect
+    garbage or end a child whose context was poisoned."""
     from gpu_tasks.task import install_executor as install
     from workers import handlers
 
@@ -67,7 +68,12 @@ def install_executor() -> None:
         return runtime.execute(task, implementations.get(task.name, body), entity_id,
                                args, kwargs)
 
-    install(executor)
+    def after_task() -> None:
+        rt = runtime._runtime
+        if rt is not None:
+            rt.after_task()
+
+    install(executor, after_task)
 
 
 def run_worker(
@@ -117,14 +123,6 @@ def run_worker(
             return
         runtime.install(rt)
         rt.start_heartbeat()
-
-    @signals.task_postrun.connect(weak=False)
-    def _after_task(**_: Any) -> None:
-        # After the result is stored: the runtime may collect garbage, or end this child
-        # (SystemExit) when the task poisoned the device context.
-        rt = runtime._runtime
-        if rt is not None:
-            rt.after_task()
 
     @signals.worker_process_shutdown.connect(weak=False)
     def _close_device(**_: Any) -> None:
