@@ -20,7 +20,7 @@ help:
 	@echo "make run [ARGS=--once]   start Redis, GPU workers, Flower and run the demo (gpu-tasks up)"
 	@echo "make test [PYTEST_ARGS=] ruff, mypy and pytest (what CI runs)"
 	@echo "make lint | typecheck    ruff check | mypy alone"
-	@echo "make bench               router and drain benchmarks"
+	@echo "make bench [BENCH_ARGS=] router, drain and end-to-end benchmarks; rewrites BENCHMARKS.md"
 	@echo "make venv                create $(VENV) and install the project into it"
 	@echo "make clean | distclean   remove run data and caches | also $(VENV) and .dist"
 
@@ -48,7 +48,7 @@ typecheck: $(STAMP)
 	$(PY) -m mypy
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.router && $(PY) -m benchmarks.drain
+	$(PY) -m benchmarks.report --output BENCHMARKS.md $(BENCH_ARGS)
 
 clean:
 	rm -rf .gpu-tasks .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

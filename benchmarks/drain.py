@@ -1,46 +1,61 @@
-"""Drain rate: a GPU worker (sim backend, trivial task) against plain Celery workers.
+"""Drain rate: a GPU worker consuming 256 or 1024 shard queues against plain Celery workers.
 
 Run from the repository root::
 
-    .venv/bin/python -m benchmarks.drain [--json]
+    .venv/bin/python -m benchmarks.drain [--json] [--check]
 
-It starts its own ``redis-server`` on a free loopback port, creates a shard map over
-one GPU queue ``gpu.bench.0``, and starts three workers, each in its own process group:
+It starts its own ``redis-server`` on a free loopback port, with two deployments in two
+databases of it, and four workers, each in its own process group:
 
-- GPU worker, as an operator starts it: ``python -m gpu_tasks.cli worker --gpu 0
-  --backend sim --import benchmarks.trivial_tasks`` with ``GPU_TASKS_REDIS_URL`` and
-  ``GPU_TASKS_NODE=bench`` (so: our Celery settings, signal handlers and runtime);
-- plain worker: ``python -m celery -A benchmarks.trivial_tasks:plain_app worker -P
-  prefork -c 1 -Q plain --without-gossip --without-mingle``, Celery's defaults otherwise
-  (prefetch 4, early ack);
-- plain worker with the same guarantees: the same command with ``plain_late_app`` and
-  ``-Q plain_late``: ``task_acks_late``, ``task_reject_on_worker_lost`` and
-  ``worker_prefetch_multiplier=1`` as every GPU worker has (DESIGN.md), Celery's
-  defaults otherwise.
+- ``gpu256`` (database 0): a shard map of S = 1024 shards over four GPUs
+  ``gpu.bench.0..3``, of which only ``gpu.bench.0`` runs, so its worker consumes the
+  queues of its **256** shards (``shard-0``, ``shard-4``, ...) plus its own GPU queue;
+- ``gpu1024`` (database 1): S = 1024 over one GPU ``gpu.bench.0``: **1024** shard queues;
+- ``plain_late`` (database 0): ``celery -A benchmarks.trivial_tasks:plain_late_app worker
+  -P prefork -c 1 -Q plain_late``: a plain Celery worker on one queue with the GPU
+  worker's delivery settings (``task_acks_late``, ``task_reject_on_worker_lost``,
+  ``worker_prefetch_multiplier=1``), Celery's defaults otherwise (no events, WARNING);
+- ``plain`` (database 0, extra column, ``--no-defaults`` drops it): the same on
+  ``plain_app``, Celery's defaults (prefetch 4, early ack).
 
-All run throughout (those not being measured sit idle). Once all answer a ``ping``
-(and the GPU is alive in the fleet registry), each round, for each worker in an order
-that rotates between rounds: enqueue N trivial tasks as fast as one process can, and
-time from the first enqueue until every task's result is stored with a final state.
-Rate = N / that time. Two ratios are taken per round: GPU / plain (Celery defaults),
-whose median over rounds is compared with the target (>= 0.9), and GPU / plain with
-the same guarantees, which leaves out what the delivery guarantees cost and so shows
-what gpu-tasks' own machinery costs (reported, no target).
+The GPU workers are started as an operator starts one: ``python -m gpu_tasks.cli worker
+--gpu 0 --backend sim --import benchmarks.trivial_tasks`` with ``GPU_TASKS_REDIS_URL``
+and ``GPU_TASKS_NODE=bench``: our Celery settings, transport (one prepacked rotating
+BRPOP over all the queues), fence, lease and runtime. They are ready when their lease
+says they consume by the map's epoch and their device is in the fleet registry; the
+plain workers when they answer a ping.
 
-The publisher does not subscribe to each task's result channel (Celery's producer
-would, for ``AsyncResult.get``): it subscribes to the last task's channel only, and
-checks every result's state once that one is final.
+All run throughout (those not being measured sit idle in BRPOP). Each round, for each
+worker in an order that rotates between rounds (each worker first, second, ... in turn):
+enqueue N trivial tasks as fast as one process can, with the same call for every worker
+(``app.send_task``: by ``entity_id`` for the GPU workers, ``queue=`` for the plain ones),
+and time from the first enqueue until every task's result is stored with a final state.
+Rate = N / that time. The GPU tasks' entity ids cover every shard the worker consumes
+(each of its 256 or 1024 shards gets a share of every drain), in a shuffled order. The
+warm-up before the first round sends one task per entity id, so every shard queue has
+been published to once: kombu declares a queue on a connection's first publish to it,
+a one-time cost a long-running producer has paid, which would otherwise fall on the
+first rounds of the GPU workers only.
+
+The publisher does not subscribe to each task's result channel (Celery's producer would,
+for ``AsyncResult.get``): it subscribes to the last task's channel only, then checks
+every result's state (without decoding the results, whose sizes differ) once that one
+is final. Reported too, per task: worker CPU (utime + stime from /proc of the worker's
+process group, split into main process and pool child), redis-server CPU, and the
+publisher's own CPU. CPU stays steadier than wall time when the machine is busy and
+shows where the cost is.
+
+Targets, on the median over rounds of the per-round ratios: gpu256 / plain_late >= 0.9
+and gpu1024 / plain_late >= 0.9. GPU / plain (Celery defaults) is reported, no target.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
-import os
-import signal
-import statistics
-import subprocess
+import random
 import sys
 import tempfile
 import time
@@ -48,83 +63,46 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from rich.console import Console
-from rich.progress import Progress
 
+from benchmarks.common import (
+    NODE,
+    READY_STATES,
+    BenchmarkError,
+    CpuMeter,
+    add_common_args,
+    check_alive,
+    entities_for_shards,
+    fmt_spread,
+    gpu_worker_argv,
+    machine,
+    now_utc,
+    plain_worker_argv,
+    progress_bar,
+    result_key,
+    run_main,
+    spinner,
+    spread,
+    states,
+    stop_all,
+    verdict,
+    versions,
+    wait_ready,
+)
 from gpu_tasks.cluster import Process, spawn
 
 TARGET_RATIO = 0.9
-NODE = "bench"
-GPU_QUEUE = f"gpu.{NODE}.0"
-GPU_WORKER = f"gpu0@{NODE}"
-PLAIN_WORKER = f"plain@{NODE}"
-PLAIN_LATE_WORKER = f"plain_late@{NODE}"
-WORKERS = ("gpu", "plain", "plain_late")
-READY_STATES = {"SUCCESS", "FAILURE", "REVOKED"}
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-console = Console(stderr=True)
+SHARD_COUNT = 1024
+GPU = f"gpu.{NODE}.0"
+GPU_WORKERS = ("gpu256", "gpu1024")
+BASELINE = "plain_late"
+EXTRA = "plain"
+RESULT_FIELDS = ("entity_id", "shard", "queue", "gpu", "worker", "device", "generation")
 
 
-class BenchmarkError(RuntimeError):
-    pass
-
-
-def check_alive(child: Process) -> None:
-    if not child.alive():
-        raise BenchmarkError(
-            f"{child.name} worker exited with {child.popen.returncode}:\n{child.log_tail()}"
-        )
-
-
-def stop_all(children: Sequence[Process], timeout_s: float = 10.0) -> None:
-    """SIGTERM every group at once (warm shutdown), wait up to ``timeout_s`` in all, then
-    SIGKILL whatever is left of each group (pool children the leader left), even if
-    interrupted meanwhile."""
-    try:
-        for child in children:
-            child.signal_group(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for child in children:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.popen.wait(max(0.0, deadline - time.monotonic()))
-    finally:
-        for child in children:
-            child.signal_group(signal.SIGKILL)
-        for child in children:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.popen.wait(5.0)
-            child.log_file.close()
-
-
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def group_cpu_s(pgid: int) -> float | None:
-    """utime + stime of every process in process group ``pgid``, from /proc."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return None
-    ticks = 0
-    for stat in proc.glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue  # exited meanwhile
-        fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
-        if int(fields[2]) == pgid:  # fields: state ppid pgrp ...; utime, stime at 11, 12
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / _CLOCK_TICKS
-
-
-def _terminate(signum: int, _frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally that stops everything
-
-
-# -- one measured drain -----------------------------------------------------------------
+# -- one measured drain -------------------------------------------------------------------
 
 
 @dataclass
@@ -133,12 +111,10 @@ class Target:
 
     name: str
     app: Any
+    client: Any
     send: Callable[[str, int], None]
     child: Process
-
-    def result_key(self, task_id: str) -> str:
-        key = self.app.backend.get_key_for_task(task_id)
-        return key.decode() if isinstance(key, bytes) else str(key)
+    redis_pid: int | None = None
 
 
 @contextlib.contextmanager
@@ -155,19 +131,24 @@ def no_result_subscription(*apps: Any) -> Iterator[None]:
                 del backend.on_task_call
 
 
-def _states(client: Any, keys: Sequence[str]) -> list[str | None]:
-    states: list[str | None] = []
-    for raw in client.mget(keys):
-        states.append(None if raw is None else json.loads(raw).get("status"))
-    return states
+_FINAL = tuple(f'"status": "{state}"'.encode() for state in READY_STATES)
 
 
-def drain(target: Target, client: Any, count: int, timeout_s: float) -> dict[str, Any]:
+def unfinished(client: Any, task_ids: Sequence[str]) -> list[str]:
+    """The tasks without a final state yet. Inside the timed window, so it does not decode
+    the results (larger ones would cost more): Celery's JSON meta carries ``"status":
+    "<STATE>"`` verbatim. The states are checked properly once the clock has stopped."""
+    raws = client.mget([result_key(t) for t in task_ids])
+    return [t for t, raw in zip(task_ids, raws, strict=True)
+            if raw is None or not any(final in raw for final in _FINAL)]
+
+
+def drain(target: Target, count: int, timeout_s: float) -> dict[str, Any]:
     """Enqueue ``count`` tasks, wait until all have a final state; timings and counts."""
+    client = target.client
     task_ids = [str(uuid.uuid4()) for _ in range(count)]
-    keys = [target.result_key(t) for t in task_ids]
     pubsub = client.pubsub()
-    pubsub.subscribe(keys[-1])
+    pubsub.subscribe(result_key(task_ids[-1]))
     deadline = time.monotonic() + timeout_s
     confirmed = None  # the subscription must be live before anything is sent
     while confirmed is None or confirmed["type"] != "subscribe":
@@ -175,12 +156,14 @@ def drain(target: Target, client: Any, count: int, timeout_s: float) -> dict[str
             raise BenchmarkError("Redis did not confirm the result-channel subscription")
         confirmed = pubsub.get_message(timeout=1.0)
 
-    cpu0 = group_cpu_s(target.child.popen.pid)
+    meter = CpuMeter([target.child], target.redis_pid)
+    meter.start()
     own_cpu0 = time.process_time()
     t0 = time.perf_counter()
     for i, task_id in enumerate(task_ids):
         target.send(task_id, i)
     enqueued_s = time.perf_counter() - t0
+    send_cpu_s = time.process_time() - own_cpu0
 
     last_state = None
     while last_state not in READY_STATES:
@@ -192,226 +175,212 @@ def drain(target: Target, client: Any, count: int, timeout_s: float) -> dict[str
             raise BenchmarkError(f"{target.name}: last task not done after {timeout_s}s")
         elif message is None:
             check_alive(target.child)
-    pending = [k for k, s in zip(keys, _states(client, keys), strict=True) if s not in READY_STATES]
+    pending = unfinished(client, task_ids)
     while pending:  # only if tasks finished out of order
         if time.monotonic() > deadline:
             raise BenchmarkError(f"{target.name}: {len(pending)} tasks not done in {timeout_s}s")
         time.sleep(0.001)
-        pending = [
-            k
-            for k, s in zip(pending, _states(client, pending), strict=True)
-            if s not in READY_STATES
-        ]
+        pending = unfinished(client, pending)
     total_s = time.perf_counter() - t0
     own_cpu_s = time.process_time() - own_cpu0
-    cpu1 = group_cpu_s(target.child.popen.pid)
+    cpu = meter.stop(count)
     pubsub.close()
 
-    states = _states(client, keys)
-    succeeded = sum(1 for s in states if s == "SUCCESS")
+    final = states(client, task_ids)
+    succeeded = sum(1 for s in final if s == "SUCCESS")
     if succeeded != count:
-        bad = next(raw for raw in client.mget(keys) if json.loads(raw)["status"] != "SUCCESS")
+        bad = next(raw for raw in client.mget([result_key(t) for t in task_ids])
+                   if json.loads(raw)["status"] != "SUCCESS")
         raise BenchmarkError(
             f"{target.name}: {count - succeeded} of {count} tasks did not succeed, e.g. {bad!r}"
         )
-    client.delete(*keys)
+    client.delete(*(result_key(t) for t in task_ids))
     return {
         "tasks": count,
         "enqueue_s": round(enqueued_s, 4),
         "total_s": round(total_s, 4),
         "tasks_per_s": round(count / total_s, 1),
-        # CPU per task is steadier than wall time on a busy machine: it shows where cost is.
-        "worker_cpu_us_per_task": (
-            None if cpu0 is None or cpu1 is None else round((cpu1 - cpu0) / count * 1e6)
-        ),
+        "worker_cpu_us_per_task": cpu["total"],
+        "worker_main_cpu_us_per_task": cpu["main"],
+        "worker_child_cpu_us_per_task": cpu["child"],
+        "redis_cpu_us_per_task": cpu["redis"],
         "publisher_cpu_us_per_task": round(own_cpu_s / count * 1e6),
+        "publisher_send_cpu_us_per_task": round(send_cpu_s / count * 1e6),
     }
 
 
-# -- setup ------------------------------------------------------------------------------
-
-
-def wait_ready(
-    children: Sequence[Process],
-    gpu_child: Process,
-    workers: Sequence[tuple[Any, str]],
-    client: Any,
-    timeout_s: float,
-) -> None:
-    """Until the GPU is alive in the fleet registry and every ``(app, worker name)``
-    answers a ping."""
-    from gpu_tasks.fleet import FleetRegistry
-
-    fleet = FleetRegistry(client)
+def check_gpu_result(target: Target, entity_id: str, timeout_s: float) -> dict[str, Any]:
+    """Send one task and check its result says where it ran (the entity-task contract)."""
+    task_id = str(uuid.uuid4())
+    target.app.send_task("benchmarks.noop", kwargs={"entity_id": entity_id}, task_id=task_id)
     deadline = time.monotonic() + timeout_s
-    pending = {"fleet", *(worker for _app, worker in workers)}
-    while pending:
-        for child in children:
-            check_alive(child)
-        if "fleet" in pending:
-            record = fleet.get(GPU_QUEUE)
-            if record is not None and record.alive() and record.started_at >= gpu_child.started_at:
-                pending.discard("fleet")
-        for app, worker in workers:
-            if worker in pending and app.control.ping(destination=[worker], timeout=0.5):
-                pending.discard(worker)
+    while True:
+        raw = target.client.get(result_key(task_id))
+        if raw is not None and json.loads(raw)["status"] in READY_STATES:
+            break
         if time.monotonic() > deadline:
-            tails = "\n".join(f"--- {c.name}:\n{c.log_tail(1500)}" for c in children)
-            raise BenchmarkError(f"not ready after {timeout_s}s: {sorted(pending)}\n{tails}")
-        if pending:
-            time.sleep(0.1)
+            raise BenchmarkError(f"{target.name}: check task not done after {timeout_s}s")
+        check_alive(target.child)
+        time.sleep(0.01)
+    meta = json.loads(raw)
+    result = meta.get("result")
+    if meta["status"] != "SUCCESS" or not isinstance(result, dict):
+        raise BenchmarkError(f"{target.name}: check task answered {meta!r}")
+    missing = [f for f in RESULT_FIELDS if f not in result]
+    if missing or result["queue"] != result["shard"] or result["entity_id"] != entity_id:
+        raise BenchmarkError(f"{target.name}: result lacks {missing} or disagrees: {result!r}")
+    target.client.delete(result_key(task_id))
+    return {k: result[k] for k in RESULT_FIELDS}
+
+
+# -- setup and rounds ---------------------------------------------------------------------
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import redis
+    from celery import Celery
 
+    from gpu_tasks.lease import LeaseStore
     from gpu_tasks.redis_server import RedisServer
+    from gpu_tasks.routing import EntityRouter, shard_index
     from gpu_tasks.settings import Settings
     from gpu_tasks.shardmap import ShardMap, ShardMapStore
 
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
+    workers = (*GPU_WORKERS, BASELINE, *(() if args.no_defaults else (EXTRA,)))
     children: list[Process] = []
     server: RedisServer | None = None
     with tempfile.TemporaryDirectory(prefix="gpu-tasks-bench-drain-") as tmp:
         try:
             server = RedisServer(Path(tmp) / "redis").start()
-            client = redis.Redis.from_url(server.url)
-            settings = Settings(redis_url=server.url, node=NODE, backend="sim")
-            ShardMapStore(client).create(ShardMap.balanced([GPU_QUEUE], settings.shard_count))
+            url0 = server.url  # database 0
+            url1 = url0.rsplit("/", 1)[0] + "/1"
+            client0, client1 = redis.Redis.from_url(url0), redis.Redis.from_url(url1)
+            settings0 = Settings(redis_url=url0, node=NODE, backend="sim")
+            settings1 = settings0.replace(redis_url=url1)
+            owners4 = [f"gpu.{NODE}.{i}" for i in range(4)]
+            map256 = ShardMap.balanced(owners4, SHARD_COUNT)
+            map1024 = ShardMap.balanced([GPU], SHARD_COUNT)
+            ShardMapStore(client0).create(map256)
+            ShardMapStore(client1).create(map1024)
 
             from gpu_tasks import app as app_module
-            from gpu_tasks import settings as settings_module
 
-            settings_module.use(settings)
-            app_module.configure(settings)
+            app_module.configure(settings0)
             from benchmarks import trivial_tasks
 
-            gpu_app = app_module.app
-            plain_app = trivial_tasks.plain_app
-            plain_late_app = trivial_tasks.plain_late_app
-            for app in (plain_app, plain_late_app):
-                app.conf.update(broker_url=server.url, result_backend=server.url)
+            gpu_app0 = app_module.app
+            # A second producer app like gpu_tasks.app, for the deployment in database 1.
+            gpu_app1 = Celery("gpu_tasks_db1", set_as_current=False)
+            gpu_app1.conf.update(app_module.celery_config(
+                settings1, EntityRouter(app_module.shard_count_reader(settings1))))
+            plain_app, plain_late_app = trivial_tasks.plain_app, trivial_tasks.plain_late_app
 
-            env = settings.child_env()
-            log_dir = Path(tmp)
-            gpu_argv = [
-                sys.executable,
-                "-m",
-                "gpu_tasks.cli",
-                "worker",
-                "--gpu",
-                "0",
-                "--backend",
-                "sim",
-                "--import",
-                "benchmarks.trivial_tasks",
-            ]
+            log_dir = Path(tmp) / "logs"
+            log_dir.mkdir()
+            env0, env1 = settings0.child_env(), settings1.child_env()
+            started = {
+                "gpu256": spawn("gpu256", gpu_worker_argv(0, args.gpu_loglevel), env0, log_dir),
+                "gpu1024": spawn("gpu1024", gpu_worker_argv(0, args.gpu_loglevel), env1,
+                                 log_dir),
+                BASELINE: spawn(BASELINE, plain_worker_argv(
+                    "plain_late_app", trivial_tasks.PLAIN_LATE_QUEUE, f"plain_late@{NODE}",
+                    args.plain_loglevel), env0, log_dir),
+            }
+            if EXTRA in workers:
+                started[EXTRA] = spawn(EXTRA, plain_worker_argv(
+                    "plain_app", trivial_tasks.PLAIN_QUEUE, f"plain@{NODE}",
+                    args.plain_loglevel), env0, log_dir)
+            children.extend(started.values())
+            pings = [(plain_late_app, f"plain_late@{NODE}")]
+            if EXTRA in workers:
+                pings.append((plain_app, f"plain@{NODE}"))
+            with spinner("starting workers"):
+                wait_ready(children, [(client0, GPU, started["gpu256"]),
+                                      (client1, GPU, started["gpu1024"])], pings, 90.0)
 
-            def plain_argv(app_name: str, queue: str, worker: str) -> list[str]:
-                argv = [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    f"benchmarks.trivial_tasks:{app_name}",
-                    "worker",
-                    "-P",
-                    "prefork",
-                    "-c",
-                    "1",
-                    "-Q",
-                    queue,
-                    "--without-gossip",
-                    "--without-mingle",
-                    "-n",
-                    worker,
-                ]
-                if args.plain_loglevel:
-                    argv += ["--loglevel", args.plain_loglevel]
-                return argv
+            # Entity ids covering every shard each GPU worker consumes, shuffled.
+            rng = random.Random(20261126)
+            sequences: dict[str, list[str]] = {}
+            pools: dict[str, list[str]] = {}
+            for name, shard_map in (("gpu256", map256), ("gpu1024", map1024)):
+                owned = shard_map.consumed_by(GPU)
+                per_shard = max(1, args.tasks // len(owned))
+                pool = pools[name] = entities_for_shards(owned, SHARD_COUNT, per_shard,
+                                                         f"{name}-")
+                sequence = [pool[i % len(pool)] for i in range(args.tasks)]
+                rng.shuffle(sequence)
+                sequences[name] = sequence
+            shards_hit = {name: len({shard_index(e, SHARD_COUNT) for e in seq})
+                          for name, seq in sequences.items()}
 
-            if args.gpu_loglevel:
-                gpu_argv += ["--loglevel", args.gpu_loglevel]
-            gpu_child = spawn("gpu", gpu_argv, env, log_dir)
-            children.append(gpu_child)
-            plain_child = spawn(
-                "plain",
-                plain_argv("plain_app", trivial_tasks.PLAIN_QUEUE, PLAIN_WORKER),
-                env,
-                log_dir,
-            )
-            children.append(plain_child)
-            plain_late_child = spawn(
-                "plain_late",
-                plain_argv("plain_late_app", trivial_tasks.PLAIN_LATE_QUEUE, PLAIN_LATE_WORKER),
-                env,
-                log_dir,
-            )
-            children.append(plain_late_child)
+            def gpu_sender(app: Any, sequence: list[str]) -> Callable[[str, int], None]:
+                def send(task_id: str, i: int) -> None:
+                    app.send_task("benchmarks.noop",
+                                  kwargs={"entity_id": sequence[i % len(sequence)]},
+                                  task_id=task_id)
+                return send
 
-            with (
-                console.status("starting workers", spinner="dots")
-                if (console.is_terminal)
-                else contextlib.nullcontext()
-            ):
-                wait_ready(
-                    children,
-                    gpu_child,
-                    [
-                        (gpu_app, GPU_WORKER),
-                        (plain_app, PLAIN_WORKER),
-                        (plain_late_app, PLAIN_LATE_WORKER),
-                    ],
-                    client,
-                    timeout_s=90.0,
-                )
-
-            entities = [f"user-{i:04d}" for i in range(args.entities)]
-            gpu_kwargs = [{"entity_id": entities[i % len(entities)]} for i in range(args.tasks)]
-
-            def send_gpu(task_id: str, i: int) -> None:
-                trivial_tasks.noop.apply_async(kwargs=gpu_kwargs[i], task_id=task_id)
-
-            def send_plain(task_id: str, _i: int) -> None:
-                trivial_tasks.plain_noop.apply_async(
-                    task_id=task_id, queue=trivial_tasks.PLAIN_QUEUE
-                )
-
-            def send_plain_late(task_id: str, _i: int) -> None:
-                trivial_tasks.plain_late_noop.apply_async(
-                    task_id=task_id, queue=trivial_tasks.PLAIN_LATE_QUEUE
-                )
+            def plain_sender(app: Any, name: str, queue: str) -> Callable[[str, int], None]:
+                def send(task_id: str, _i: int) -> None:
+                    app.send_task(name, task_id=task_id, queue=queue)
+                return send
 
             targets = {
-                "gpu": Target("gpu", gpu_app, send_gpu, gpu_child),
-                "plain": Target("plain", plain_app, send_plain, plain_child),
-                "plain_late": Target(
-                    "plain_late", plain_late_app, send_plain_late, plain_late_child
-                ),
+                "gpu256": Target("gpu256", gpu_app0, client0,
+                                 gpu_sender(gpu_app0, sequences["gpu256"]), started["gpu256"]),
+                "gpu1024": Target("gpu1024", gpu_app1, client1,
+                                  gpu_sender(gpu_app1, sequences["gpu1024"]),
+                                  started["gpu1024"]),
+                BASELINE: Target(BASELINE, plain_late_app, client0, plain_sender(
+                    plain_late_app, "benchmarks.plain_late_noop", trivial_tasks.PLAIN_LATE_QUEUE),
+                    started[BASELINE]),
             }
+            if EXTRA in workers:
+                targets[EXTRA] = Target(EXTRA, plain_app, client0, plain_sender(
+                    plain_app, "benchmarks.plain_noop", trivial_tasks.PLAIN_QUEUE),
+                    started[EXTRA])
+            for target in targets.values():
+                target.redis_pid = server.process.pid if server.process else None
+            leases = {"gpu256": LeaseStore(client0).get(GPU),
+                      "gpu1024": LeaseStore(client1).get(GPU)}
+            consumed = {name: lease.consuming if lease else None
+                        for name, lease in leases.items()}
+
+            # Warm-up: first-task imports, connections, and every shard queue the drains
+            # use, once (kombu declares a queue on a connection's first publish to it).
+            warmups = {name: (targets[name], args.warmup) for name in workers}
+            for name, pool in pools.items():
+                warmups[name] = (dataclasses.replace(targets[name],
+                                                     send=gpu_sender(targets[name].app, pool)),
+                                 max(args.warmup, len(pool)))
             rounds: list[dict[str, Any]] = []
-            with (
-                no_result_subscription(gpu_app, plain_app, plain_late_app),
-                Progress(console=console, transient=True, disable=not console.is_terminal) as bar,
-            ):
-                for target in targets.values():  # warm: first-task imports, connections
-                    drain(target, client, args.warmup, args.timeout)
-                step = bar.add_task("draining", total=len(WORKERS) * args.rounds)
+            apps = [t.app for t in targets.values()]
+            with no_result_subscription(*apps), progress_bar() as bar:
+                result_checks = {name: check_gpu_result(targets[name], sequences[name][0], 30.0)
+                                 for name in GPU_WORKERS}
+                warm = bar.add_task("warming up", total=len(workers))
+                for name in workers:
+                    drain(*warmups[name], args.timeout)
+                    bar.advance(warm)
+                bar.remove_task(warm)
+                step = bar.add_task("draining", total=len(workers) * args.rounds)
                 for r in range(args.rounds):
-                    k = r % len(WORKERS)  # rotate: each worker first, middle, last in turn
-                    order = WORKERS[k:] + WORKERS[:k]
+                    k = r % len(workers)  # rotate: each worker first, second, ... in turn
+                    order = workers[k:] + workers[:k]
                     row: dict[str, Any] = {"order": list(order)}
                     for name in order:
                         bar.update(step, description=f"round {r + 1}: {name}")
-                        row[name] = drain(targets[name], client, args.tasks, args.timeout)
+                        row[name] = drain(targets[name], args.tasks, args.timeout)
                         bar.advance(step)
-                    gpu_rate = row["gpu"]["tasks_per_s"]
-                    row["ratio"] = round(gpu_rate / row["plain"]["tasks_per_s"], 4)
-                    row["ratio_same_guarantees"] = round(
-                        gpu_rate / row["plain_late"]["tasks_per_s"], 4
-                    )
+                    base = row[BASELINE]["tasks_per_s"]
+                    row["ratios"] = {g: round(row[g]["tasks_per_s"] / base, 4)
+                                     for g in GPU_WORKERS}
+                    if EXTRA in workers:
+                        row["ratios_vs_defaults"] = {
+                            g: round(row[g]["tasks_per_s"] / row[EXTRA]["tasks_per_s"], 4)
+                            for g in GPU_WORKERS}
                     rounds.append(row)
+            vers = versions(client0)
         finally:
             try:
                 stop_all(children)
@@ -419,95 +388,109 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if server is not None:
                     server.stop()
 
-    ratio = statistics.median(r["ratio"] for r in rounds)
-    ratio_same = statistics.median(r["ratio_same_guarantees"] for r in rounds)
-    import celery
-
-    def median_of(worker: str, key: str) -> Any:
-        values = [r[worker][key] for r in rounds if r[worker][key] is not None]
-        return statistics.median(values) if values else None
-
-    return {
+    per_worker = {
+        name: {
+            "tasks_per_s": spread((r[name]["tasks_per_s"] for r in rounds), 1),
+            "worker_cpu_us_per_task": spread(
+                (r[name]["worker_cpu_us_per_task"] for r in rounds), 0),
+            "worker_main_cpu_us_per_task": spread(
+                (r[name]["worker_main_cpu_us_per_task"] for r in rounds), 0),
+            "worker_child_cpu_us_per_task": spread(
+                (r[name]["worker_child_cpu_us_per_task"] for r in rounds), 0),
+            "redis_cpu_us_per_task": spread(
+                (r[name]["redis_cpu_us_per_task"] for r in rounds), 0),
+            "publisher_cpu_us_per_task": spread(
+                (r[name]["publisher_cpu_us_per_task"] for r in rounds), 0),
+        }
+        for name in workers
+    }
+    ratios = {g: spread(r["ratios"][g] for r in rounds) for g in GPU_WORKERS}
+    targets_out = {
+        f"{g}/{BASELINE}": {
+            "ratio": ratios[g],
+            "target": f">= {TARGET_RATIO}",
+            "pass": ratios[g]["median"] >= TARGET_RATIO,
+        }
+        for g in GPU_WORKERS
+    }
+    out: dict[str, Any] = {
         "benchmark": "drain",
-        "python": sys.version.split()[0],
-        "celery": celery.__version__,
-        "cpus": os.cpu_count(),
+        "date": now_utc(),
+        "machine": machine(),
+        "versions": vers,
         "tasks_per_round": args.tasks,
-        "gpu_loglevel": args.gpu_loglevel or f"{settings.log_level} (GPU_TASKS_LOG_LEVEL default)",
-        "plain_loglevel": args.plain_loglevel or "WARNING (celery default)",
+        "rounds_count": args.rounds,
+        "workers": list(workers),
+        "shard_count": SHARD_COUNT,
+        "shards_consumed": consumed,
+        "shards_hit_per_drain": shards_hit,
+        "result_check": result_checks,
+        "gpu_loglevel": args.gpu_loglevel or "WARNING (GPU_TASKS_LOG_LEVEL default)",
+        "plain_loglevel": args.plain_loglevel or "WARNING (Celery default)",
         "plain_late_settings": dict(trivial_tasks.SAME_GUARANTEES),
         "rounds": rounds,
-        "gpu_per_s_median": median_of("gpu", "tasks_per_s"),
-        "plain_per_s_median": median_of("plain", "tasks_per_s"),
-        "plain_late_per_s_median": median_of("plain_late", "tasks_per_s"),
-        "worker_cpu_us_per_task_median": {
-            w: median_of(w, "worker_cpu_us_per_task") for w in WORKERS
-        },
-        "ratio_median": round(ratio, 4),
-        "ratio_same_guarantees_median": round(ratio_same, 4),
-        "target_ratio": TARGET_RATIO,
-        "pass": ratio >= TARGET_RATIO,
+        "per_worker": per_worker,
+        "ratios": ratios,
+        "targets": targets_out,
+        "pass": all(t["pass"] for t in targets_out.values()),
     }
+    if EXTRA in workers:
+        out["ratios_vs_defaults"] = {
+            g: spread(r["ratios_vs_defaults"][g] for r in rounds) for g in GPU_WORKERS}
+    return out
 
 
 def report(result: dict[str, Any]) -> None:
     out = Console(soft_wrap=True)
+    workers = result["workers"]
     for i, row in enumerate(result["rounds"]):
         out.print(f"round {i + 1} (order: {', '.join(row['order'])}):")
-        for name in WORKERS:
+        for name in workers:
             d = row[name]
             out.print(
                 f"  {name:<10} {d['tasks_per_s']:7.1f}/s (enqueue {d['enqueue_s']:.2f}s, "
-                f"total {d['total_s']:.2f}s, worker CPU {d['worker_cpu_us_per_task']} us/task)"
+                f"total {d['total_s']:.2f}s, worker CPU {d['worker_cpu_us_per_task']} us/task: "
+                f"main {d['worker_main_cpu_us_per_task']}, "
+                f"child {d['worker_child_cpu_us_per_task']}; redis-server "
+                f"{d['redis_cpu_us_per_task']} us/task)"
             )
+        out.print("  " + ", ".join(f"{g}/{BASELINE} {v:.3f}" for g, v in row["ratios"].items()))
+    out.print(
+        f"drain, {result['tasks_per_round']} tasks per run, {len(result['rounds'])} rounds, "
+        f"median (min-max):"
+    )
+    for name in workers:
+        w = result["per_worker"][name]
         out.print(
-            f"  GPU/plain {row['ratio']:.3f}, "
-            f"GPU/plain same guarantees {row['ratio_same_guarantees']:.3f}"
+            f"  {name:<10} {fmt_spread(w['tasks_per_s'], '.1f', '/s')}; worker CPU "
+            f"{fmt_spread(w['worker_cpu_us_per_task'], '.0f', ' us/task')} "
+            f"(main {w['worker_main_cpu_us_per_task']['median']}, "
+            f"child {w['worker_child_cpu_us_per_task']['median']}); redis-server "
+            f"{w['redis_cpu_us_per_task']['median']} us/task"
         )
-    ok = result["pass"]
-    out.print(
-        f"drain, {result['tasks_per_round']} tasks per run, medians: GPU worker "
-        f"{result['gpu_per_s_median']:.1f}/s, plain prefork -c 1 "
-        f"{result['plain_per_s_median']:.1f}/s, plain prefork -c 1 with acks_late + prefetch 1 "
-        f"{result['plain_late_per_s_median']:.1f}/s"
-    )
-    out.print(
-        f"  GPU / plain (Celery defaults): {result['ratio_median']:.3f}, "
-        f"target >= {result['target_ratio']}: "
-        + ("[bold green]PASS[/]" if ok else "[bold red]FAIL[/]")
-    )
-    out.print(
-        "  GPU / plain with the same guarantees (acks_late, prefetch 1): "
-        f"{result['ratio_same_guarantees_median']:.3f}"
-    )
+    for key, t in result["targets"].items():
+        out.print(f"  {key}: {fmt_spread(t['ratio'])}, target {t['target']}: "
+                  f"{verdict(t['pass'])}")
+    for g, s in result.get("ratios_vs_defaults", {}).items():
+        out.print(f"  {g}/plain (Celery defaults): {fmt_spread(s)} (no target)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+    add_common_args(parser)
     parser.add_argument("--tasks", type=int, default=1500, help="tasks per measured drain")
-    parser.add_argument(
-        "--rounds", type=int, default=6, help="rounds (one drain per worker); 6 = each order twice"
-    )
-    parser.add_argument("--warmup", type=int, default=50, help="tasks per worker before timing")
-    parser.add_argument("--entities", type=int, default=100, help="distinct entity ids")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per drain")
-    parser.add_argument("--gpu-loglevel", help="GPU worker --loglevel (default: the CLI's)")
+    parser.add_argument("--rounds", type=int, default=8,
+                        help="rounds (one drain per worker; the order rotates)")
+    parser.add_argument("--warmup", type=int, default=200, help="tasks per worker before timing")
+    parser.add_argument("--timeout", type=float, default=180.0, help="seconds per drain")
+    parser.add_argument("--no-defaults", action="store_true",
+                        help="leave out the plain worker at Celery's defaults")
+    parser.add_argument("--gpu-loglevel", help="GPU workers' --loglevel (default: the CLI's)")
     parser.add_argument("--plain-loglevel", help="plain workers' --loglevel (default: Celery's)")
-    parser.add_argument(
-        "--check", action="store_true", help="exit 1 if the GPU/plain target is missed"
-    )
     args = parser.parse_args(argv)
-    try:
-        result = run(args)
-    except KeyboardInterrupt:
-        console.print("interrupted; everything this benchmark started was stopped")
-        return 130
-    if args.json:
-        print(json.dumps(result))
-    else:
-        report(result)
-    return 1 if args.check and not result["pass"] else 0
+    if args.rounds < 1 or args.tasks < 1:
+        parser.error("--rounds and --tasks must be positive")
+    return run_main("benchmarks.drain", args, run, report)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-"""Trivial tasks for ``benchmarks/drain.py``: the same empty work on every kind of worker.
+"""Trivial tasks for ``benchmarks/drain.py`` and ``benchmarks/e2e.py``: the same empty work
+on every kind of worker.
 
 - ``benchmarks.noop``: a ``@gpu_task`` routed by ``entity_id``; the GPU worker imports
-  this module with ``--import benchmarks.trivial_tasks``.
+  this module with ``--import benchmarks.trivial_tasks``. Its result is the where-it-ran
+  object every entity task answers with (``entity_id``, ``shard``, ``queue``, ``gpu``,
+  ``worker``, ``device``, ``generation``, and ``result``: None).
 - ``benchmarks.plain_noop`` on :data:`plain_app`: a plain Celery app with Celery's
   defaults (JSON is already the default serializer), for
   ``celery -A benchmarks.trivial_tasks:plain_app worker``.
