@@ -255,8 +255,8 @@ def test_stats_and_status_report_each_gpu(cluster: LocalCluster, settings: Setti
         assert done.returncode == 0, done.stderr
         return {g["gpu"]: g for g in json.loads(done.stdout)["gpus"]}
 
-    # A heartbeat carries the new buffer within heartbeat_s
-    rows = wait_until(lambda: (r := shown())[queue]["device"]["entities"] >= 1 and r,
+    # A heartbeat carries the new buffer (8000 bytes) within heartbeat_s
+    rows = wait_until(lambda: (r := shown())[queue]["device"]["used_bytes"] >= 8000 and r,
                       timeout=10 * settings.heartbeat_s)
     assert set(rows) == {f"gpu.{NODE}.{i}" for i in range(GPUS)}
     for i in range(GPUS):
@@ -266,7 +266,7 @@ def test_stats_and_status_report_each_gpu(cluster: LocalCluster, settings: Setti
         assert row["worker"] == f"gpu{i}@{NODE}"
         assert row["device"]["device_uuid"] == f"SIM-{NODE}-{i}"
         assert row["device"]["total_bytes"] == SIM_MEMORY and row["shards"] == 1024 // GPUS
-    assert rows[queue]["device"]["used_bytes"] >= 8000
+    assert rows[queue]["device"]["entities"] >= 1
     call(free, entity_id=e)
 
 
