@@ -17,13 +17,11 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import redis
 
 FLEET_KEY = "gpu-tasks:fleet"
 GENERATION_KEY = "gpu-tasks:generation:{queue}"
-STALE_AFTER_BEATS = 3
 
 
 @dataclass
@@ -49,19 +47,6 @@ class GpuRecord:
     error: str = ""
     started_at: float = field(default_factory=time.time)
     heartbeat_at: float = field(default_factory=time.time)
-
-    def age_s(self, now: float | None = None) -> float:
-        return max(0.0, (time.time() if now is None else now) - self.heartbeat_at)
-
-    def alive(self, now: float | None = None) -> bool:
-        return self.state == "running" and self.age_s(now) < STALE_AFTER_BEATS * self.heartbeat_s
-
-    def as_dict(self, now: float | None = None) -> dict[str, Any]:
-        return {
-            **asdict(self),
-            "alive": self.alive(now),
-            "heartbeat_age_s": round(self.age_s(now), 3),
-        }
 
 
 class FleetRegistry:

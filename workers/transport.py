@@ -94,16 +94,11 @@ class GpuQoS(kombu_redis.QoS):  # type: ignore[misc]
 
 
 class _Rotation:
-    """Stands in for kombu's queue cycle: remembers where the next BRPOP starts."""
+    """Stands in for kombu's queue cycle, of which only ``rotate`` is still called (by
+    ``_brpop_read``): it remembers where the next BRPOP starts."""
 
     def __init__(self, channel: GpuChannel) -> None:
         self.channel = channel
-
-    def update(self, queues: Any) -> None:
-        self.channel._brpop_dirty = True
-
-    def consume(self, n: int) -> list[str]:
-        return self.channel.active_queues[:n]
 
     def rotate(self, last_used: str) -> None:
         position = self.channel._brpop_position.get(last_used)
