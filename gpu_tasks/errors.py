@@ -5,6 +5,7 @@
      +-- RoutingError       refused at submit time; nothing was enqueued
      +-- ShardMapError      the shard map is missing, already exists, or is malformed
      +-- LeaseHeld          another GPU worker serves this GPU (it holds the GPU's lease)
+     +-- HandoffError       a shard could not be handed off (it stays, or is left to a re-run)
      +-- RedisServerError   the embedded redis-server could not be started
      +-- DeviceError        raised by a GPU worker; travels back through Celery's result
           +-- BadRequest       a request field is wrong (the field is named)
@@ -28,6 +29,7 @@ __all__ = [
     "DeviceError",
     "EntityStateLost",
     "GpuTasksError",
+    "HandoffError",
     "LeaseHeld",
     "NoSuchBuffer",
     "OutOfMemory",
@@ -59,6 +61,10 @@ class ShardMapError(GpuTasksError):
 
 class LeaseHeld(GpuTasksError):
     """A live worker holds the lease of the GPU this worker was started for."""
+
+
+class HandoffError(GpuTasksError):
+    """A shard could not be handed off now; the message says where it stays."""
 
 
 class RedisServerError(GpuTasksError):

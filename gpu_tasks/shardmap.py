@@ -10,9 +10,13 @@ Layout in Redis (one deployment per Redis database):
 - ``gpu-tasks:shardmap:meta``  hash ``shard_count`` (S, fixed when the map is created)
   and ``epoch`` (one more on every change)
 - ``gpu-tasks:shardmap``       hash ``shard-<i>`` -> JSON ``{"owner": "gpu.<node>.<j>",
-  "state": "owned"}``
+  "state": "owned"}``; a shard being handed off also has ``"target"`` (the GPU it goes
+  to) and ``"handoff"`` (the handoff's id)
+- ``gpu-tasks:shardmap:drained`` set of GPUs that take no shards (``gpu-tasks drain``)
 
-Every change goes through a Lua script, so the map and its epoch change together.
+Every change goes through a Lua script, so the map and its epoch change together; a
+handoff's steps are compare-and-set transitions (:meth:`ShardMapStore.transition`), so
+two tools can never both drive one shard.
 """
 
 from __future__ import annotations
@@ -36,9 +40,14 @@ MAX_SHARDS = 1 << 16
 
 MAP_KEY = "gpu-tasks:shardmap"
 META_KEY = "gpu-tasks:shardmap:meta"
+DRAINED_KEY = "gpu-tasks:shardmap:drained"
 
 STATES: Mapping[str, str] = {
     "owned": "its owner consumes the shard's queue and holds its entities' state",
+    "releasing": "being handed off: nobody consumes its queue (requests wait there, in "
+                 "order); its owner finishes what it holds and exports the state",
+    "importing": "being handed off: nobody consumes its queue; the target imports the "
+                 "state while the owner keeps its copy, in case the import fails",
 }
 """Each state a shard can be in, and who consumes its queue in it."""
 
@@ -53,6 +62,18 @@ for i = 2, #ARGV do
 end
 redis.call('HSET', KEYS[2], 'shard_count', #ARGV - 1, 'epoch', epoch)
 return epoch
+"""
+
+# Compare-and-set of one shard's entry: ARGV[1] index, ARGV[2] the JSON the entry must
+# be now, ARGV[3] its new JSON. Bumps the epoch; {err} names what is there instead.
+_TRANSITION = """
+local field = 'shard-' .. ARGV[1]
+local current = redis.call('HGET', KEYS[1], field)
+if current ~= ARGV[2] then
+  return redis.error_reply('CONFLICT ' .. tostring(current))
+end
+redis.call('HSET', KEYS[1], field, ARGV[3])
+return redis.call('HINCRBY', KEYS[2], 'epoch', 1)
 """
 
 _ASSIGN = """
@@ -78,10 +99,12 @@ def check_gpu(gpu: str) -> str:
 
 @dataclass(frozen=True)
 class Shard:
-    """One shard's entry: its owner and its state."""
+    """One shard's entry: its owner and its state (and, while handed off, where it goes)."""
 
     owner: str | None
     state: str = "owned"
+    target: str | None = None
+    handoff: str | None = None
 
     @property
     def consumer(self) -> str | None:
@@ -89,8 +112,22 @@ class Shard:
         decides it, for workers and for ``status`` alike."""
         return self.owner if self.state == "owned" else None
 
+    @property
+    def holders(self) -> tuple[str, ...]:
+        """The GPUs that must keep this shard's entities' state now: the owner, and while
+        importing the target too (the owner's copy is what a failed import falls back to)."""
+        holders = tuple(g for g in (self.owner,) if g)
+        if self.state == "importing" and self.target:
+            holders += (self.target,)
+        return holders
+
     def as_dict(self) -> dict[str, Any]:
-        return {"owner": self.owner, "state": self.state}
+        entry: dict[str, Any] = {"owner": self.owner, "state": self.state}
+        if self.target is not None:
+            entry["target"] = self.target
+        if self.handoff is not None:
+            entry["handoff"] = self.handoff
+        return entry
 
     def to_json(self) -> str:
         return json.dumps(self.as_dict(), separators=(",", ":"))
@@ -99,8 +136,8 @@ class Shard:
     def from_json(cls, raw: bytes | str, name: str) -> Shard:
         try:
             data = json.loads(raw)
-            shard = cls(data["owner"], data["state"])
-        except (ValueError, TypeError, KeyError) as exc:
+            shard = cls(data["owner"], data["state"], data.get("target"), data.get("handoff"))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise ShardMapError(f"shard map is malformed: {name} is {raw!r} ({exc})") from None
         if shard.state not in STATES:
             raise ShardMapError(f"shard map is malformed: {name} has unknown state {shard.state!r}")
@@ -138,6 +175,14 @@ class ShardMap:
         """Indices of the shards whose queues ``gpu`` consumes, ascending."""
         return [i for i, shard in enumerate(self.shards) if shard.consumer == gpu]
 
+    def held_by(self, gpu: str) -> list[int]:
+        """Indices of the shards whose state ``gpu`` must keep, ascending."""
+        return [i for i, shard in enumerate(self.shards) if gpu in shard.holders]
+
+    def moving(self) -> dict[int, Shard]:
+        """Shards in the middle of a handoff."""
+        return {i: s for i, s in enumerate(self.shards) if s.state != "owned"}
+
     def by_owner(self) -> dict[str | None, list[int]]:
         """Shard indices per owner (None: shards nobody owns)."""
         owned: dict[str | None, list[int]] = defaultdict(list)
@@ -170,6 +215,7 @@ class ShardMapStore:
         self.client = client
         self._init = client.register_script(_INIT)
         self._assign = client.register_script(_ASSIGN)
+        self._transition = client.register_script(_TRANSITION)
 
     def create(self, shard_map: ShardMap, *, force: bool = False) -> int:
         """Store ``shard_map`` (ignoring its epoch); refuses an existing map unless ``force``.
@@ -203,6 +249,28 @@ class ShardMapStore:
             return self._assign(keys=[MAP_KEY, META_KEY], args=args, client=pipeline)
         except redis.ResponseError as exc:
             raise ShardMapError(f"cannot move shards: {exc}") from None
+
+    def transition(self, index: int, expected: Shard, new: Shard) -> int:
+        """Replace shard ``index``'s entry by ``new`` if it is still ``expected``, bumping the
+        epoch; returns the new epoch. :class:`ShardMapError` (naming the entry there now)
+        if someone changed it meanwhile."""
+        try:
+            return int(self._transition(keys=[MAP_KEY, META_KEY],
+                                        args=[index, expected.to_json(), new.to_json()]))
+        except redis.ResponseError as exc:
+            raise ShardMapError(f"shard-{index} changed under this handoff: {exc}") from None
+
+    def drained(self) -> set[str]:
+        """GPUs that take no shards (``gpu-tasks drain``)."""
+        return {g.decode() if isinstance(g, bytes) else g
+                for g in self.client.smembers(DRAINED_KEY)}
+
+    def set_drained(self, gpu: str, drained: bool) -> None:
+        check_gpu(gpu)
+        if drained:
+            self.client.sadd(DRAINED_KEY, gpu)
+        else:
+            self.client.srem(DRAINED_KEY, gpu)
 
     def shard_count(self) -> int:
         """S of the stored map; :class:`ShardMapError` if there is none."""

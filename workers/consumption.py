@@ -125,7 +125,7 @@ class Consumption:
         """Consume exactly the queues of the shards this GPU consumes at the map's epoch."""
         if c.task_consumer is None:
             return  # between a lost connection and the consumer's restart
-        shard_count, wanted, epoch = 0, [], -1
+        shard_count, wanted, held, epoch = 0, [], [], -1
         if map_epoch >= 0:
             try:
                 shard_map = self.maps.load()
@@ -135,6 +135,7 @@ class Consumption:
                 return
             shard_count, epoch = shard_map.shard_count, shard_map.epoch
             wanted = shard_map.consumed_by(self.gpu)
+            held = shard_map.held_by(self.gpu)
         queues = {shard_name(i): i for i in wanted}
         current = {q.name for q in c.task_consumer.queues}
         dropped = sorted(q for q in current if q != self.gpu and q not in queues)
@@ -143,7 +144,7 @@ class Consumption:
         # queues: a message still in flight from one of them goes back where it came from.
         self.view.consumed = queues
         self.view.shard_count = shard_count
-        self.table.publish(epoch, wanted)
+        self.table.publish(epoch, wanted, held)
         self._cancel(c, dropped)
         self._consume(c, [self.gpu] if self.gpu not in current else [])
         self._consume(c, added)

@@ -7,14 +7,7 @@ over finds out what its predecessor held and answers a later request for one of
 those buffers with the loss (when, why), never with a puzzling ``NoSuchBuffer``
 and never with a fresh zeroed buffer. Allocating the name again clears the loss.
 
-Layout in Redis, per GPU (``<key>`` is ``<entity_id>`` and ``<name>`` joined by
-``\\x1f``):
-
-- ``gpu-tasks:buffers:<gpu>``  hash ``<key>`` -> ``{"generation": g, "shard": i}``
-- ``gpu-tasks:lost:<gpu>``     hash ``<key>`` -> ``{"generation": g, "why": "...",
-  "at": unix time}``
-- ``gpu-tasks:ended:<gpu>``    why the last pool child ended, when it knew (a
-  poisoned context); read and cleared by the next one
+The layout in Redis is in :mod:`gpu_tasks.ledger`, where tools read it too.
 
 Only the pool child of the worker holding the GPU's lease writes these, on its
 task thread, and only when buffers are allocated, freed or lost: reads, writes
@@ -30,10 +23,7 @@ from dataclasses import dataclass
 
 import redis
 
-LIVE_KEY = "gpu-tasks:buffers:{gpu}"
-LOST_KEY = "gpu-tasks:lost:{gpu}"
-ENDED_KEY = "gpu-tasks:ended:{gpu}"
-_SEP = "\x1f"
+from gpu_tasks.ledger import ENDED_KEY, LIVE_KEY, LOST_KEY, SEPARATOR, buffer_key
 
 # Every live line becomes a lost one, with the given reason or one naming the ended
 # child's generation; returns the lost lines. Atomic, so a crash here loses nothing.
@@ -60,10 +50,6 @@ class Loss:
     at: float
 
 
-def _key(entity_id: str, name: str) -> str:
-    return f"{entity_id}{_SEP}{name}"
-
-
 class BufferLedger:
     """A GPU's live and lost buffers, in Redis (see the module docstring)."""
 
@@ -79,7 +65,7 @@ class BufferLedger:
         raw = self._take_over(keys=self._keys, args=[time.time()])
         losses: dict[tuple[str, str], Loss] = {}
         for field, value in zip(raw[::2], raw[1::2], strict=True):
-            entity_id, _, name = field.decode().partition(_SEP)
+            entity_id, _, name = field.decode().partition(SEPARATOR)
             data = json.loads(value)
             losses[(entity_id, name)] = Loss(int(data["generation"]), data["why"],
                                              float(data["at"]))
@@ -89,19 +75,20 @@ class BufferLedger:
         """Say why this child is about to end (its successor reports the loss so)."""
         self.client.set(self._keys[2], why)
 
-    def allocated(self, entity_id: str, name: str, generation: int, shard: int) -> None:
+    def allocated(self, entity_id: str, name: str, generation: int, shard: int,
+                  nbytes: int) -> None:
         pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self._keys[0], _key(entity_id, name),
-                  json.dumps({"generation": generation, "shard": shard}))
-        pipe.hdel(self._keys[1], _key(entity_id, name))
+        pipe.hset(self._keys[0], buffer_key(entity_id, name),
+                  json.dumps({"generation": generation, "shard": shard, "nbytes": nbytes}))
+        pipe.hdel(self._keys[1], buffer_key(entity_id, name))
         pipe.execute()
 
     def freed(self, entity_id: str, names: Iterable[str], forget_losses: Iterable[str] = ()
               ) -> None:
         """``names`` were freed; the losses of ``forget_losses`` are no longer of interest."""
         pipe = self.client.pipeline(transaction=True)
-        live = [_key(entity_id, n) for n in names]
-        lost = [_key(entity_id, n) for n in forget_losses]
+        live = [buffer_key(entity_id, n) for n in names]
+        lost = [buffer_key(entity_id, n) for n in forget_losses]
         if live:
             pipe.hdel(self._keys[0], *live)
         if lost:
@@ -113,9 +100,9 @@ class BufferLedger:
         if not losses:
             return
         pipe = self.client.pipeline(transaction=True)
-        pipe.hdel(self._keys[0], *(_key(e, n) for e, n in losses))
+        pipe.hdel(self._keys[0], *(buffer_key(e, n) for e, n in losses))
         pipe.hset(self._keys[1], mapping={
-            _key(e, n): json.dumps({"generation": loss.generation, "why": loss.why,
+            buffer_key(e, n): json.dumps({"generation": loss.generation, "why": loss.why,
                                     "at": loss.at})
             for (e, n), loss in losses.items()})
         pipe.execute()

@@ -9,8 +9,9 @@ admission and its execution, and drop the state of shards it no longer serves.
 
 Layout: the shard map epoch the main process consumes by (int64), the monotonic
 time until which the lease is known to be held (float64; CLOCK_MONOTONIC is
-system-wide, so both processes read the same clock), then one byte per shard
-(1: this GPU consumes the shard's queue).
+system-wide, so both processes read the same clock), then one byte per shard: 2, this
+GPU consumes the shard's queue (and holds its state); 1, it only holds its state (a
+shard being handed off); 0, neither.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from gpu_tasks.errors import ConfigError
 from gpu_tasks.shardmap import MAX_SHARDS
 
 _HEADER = struct.Struct("=qd")
+HOLD, CONSUME = 1, 2
 
 
 class OwnershipTable:
@@ -39,17 +41,19 @@ class OwnershipTable:
 
     # -- the main process writes ---------------------------------------------------
 
-    def publish(self, epoch: int, owned: Iterable[int]) -> None:
-        """Make ``owned`` the shards this GPU serves at ``epoch``. Flags first, epoch last:
-        a child that sees the new epoch also sees the new flags."""
+    def publish(self, epoch: int, consumed: Iterable[int], held: Iterable[int] = ()) -> None:
+        """Make ``consumed`` the shards this GPU serves at ``epoch``, and ``held`` those whose
+        state it keeps without serving them. Flags first, epoch last: a child that sees the
+        new epoch also sees the new flags."""
         flags = bytearray(self.max_shards)
-        for index in owned:
-            if not 0 <= index < self.max_shards:
-                raise ConfigError(
-                    f"shard index {index} is beyond the {self.max_shards} shards a GPU "
-                    "worker supports"
-                )
-            flags[index] = 1
+        for flag, indices in ((HOLD, held), (CONSUME, consumed)):
+            for index in indices:
+                if not 0 <= index < self.max_shards:
+                    raise ConfigError(
+                        f"shard index {index} is beyond the {self.max_shards} shards a GPU "
+                        "worker supports"
+                    )
+                flags[index] = flag
         self._mem[self._flags_at : self._flags_at + self.max_shards] = bytes(flags)
         _HEADER.pack_into(self._mem, 0, epoch, self.lease_until)
 
@@ -73,9 +77,15 @@ class OwnershipTable:
         return time.monotonic() < self.lease_until
 
     def serves(self, index: int) -> bool:
-        return 0 <= index < self.max_shards and self._mem[self._flags_at + index] == 1
+        """Whether this GPU runs requests of shard ``index`` now."""
+        return 0 <= index < self.max_shards and self._mem[self._flags_at + index] == CONSUME
 
     def served(self) -> list[int]:
+        flags = np.frombuffer(self._mem, np.uint8, self.max_shards, self._flags_at)
+        return [int(i) for i in np.flatnonzero(flags == CONSUME)]
+
+    def held(self) -> list[int]:
+        """Shards whose state this GPU keeps: those it serves and those being handed off."""
         flags = np.frombuffer(self._mem, np.uint8, self.max_shards, self._flags_at)
         return [int(i) for i in np.flatnonzero(flags)]
 

@@ -148,6 +148,7 @@ class DeviceRuntime:
     def __init__(self, identity: WorkerIdentity, settings: Settings, client: Any) -> None:
         self.identity = identity
         self.settings = settings
+        self.client = client
         self.fleet = FleetRegistry(client)
         self._shard_map = ShardMapStore(client)
         self._shard_count: int | None = None
@@ -275,20 +276,23 @@ class DeviceRuntime:
             raise SystemExit(EXIT_CONTEXT_POISONED)
 
     def sync_ownership(self) -> None:
-        """Drop the buffers of shards this GPU no longer serves (on the task thread, where
-        device memory may be freed), once per change of the map's epoch."""
+        """Drop the buffers of shards this GPU no longer holds (on the task thread, where
+        device memory may be freed), once per change of the map's epoch. A shard handed off
+        with its state is simply freed; one taken away without it is recorded as lost."""
         table = ownership.table
         if table is None or table.epoch == self._seen_epoch:
             return
         self._seen_epoch = table.epoch
-        served = set(table.served())
-        lost = [i for i in self.store.shards() if i not in served]
-        if lost:
+        held = set(table.held())
+        for index in [i for i in self.store.exported if table.serves(i)]:
+            del self.store.exported[index]  # the handoff was rolled back: it is ours again
+        gone = [i for i in self.store.shards() if i not in held]
+        if gone:
             dropped = self.store.drop_shards(
-                lost, f"when its shard stopped being served by {self.identity.queue}")
+                gone, f"when its shard stopped being served by {self.identity.queue}")
             log.warning("%s: shard map epoch %d: dropped %d buffers of %d shards this GPU no "
-                        "longer serves", self.identity.queue, self._seen_epoch, dropped,
-                        len(lost))
+                        "longer holds", self.identity.queue, self._seen_epoch, dropped,
+                        len(gone))
 
     def serve(self, entity_id: str, task_name: str) -> int:
         """The entity's shard, if this GPU serves it now; else the request goes back to the

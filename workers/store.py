@@ -91,6 +91,9 @@ class BufferStore:
         """(entity, name) -> when and why it was lost, for a clear answer later: what this
         process lost, and with a ledger what the processes before it lost too."""
         self._used_bytes = 0
+        self.exported: dict[int, str] = {}
+        """Shards whose state was exported for a handoff (shard -> handoff id): once the
+        shard has left, dropping their buffers loses nothing."""
         # The heartbeat thread reads the totals while a task may be changing them.
         self._lock = threading.Lock()
 
@@ -191,7 +194,7 @@ class BufferStore:
             self._used_bytes += nbytes
             self._lost.pop((entity_id, name), None)
         if self.ledger is not None:
-            self.ledger.allocated(entity_id, name, self.generation, index)
+            self.ledger.allocated(entity_id, name, self.generation, index, nbytes)
         return buf
 
     def free(self, entity_id: str, name: str | None = None) -> list[Buffer]:
@@ -222,21 +225,37 @@ class BufferStore:
             self.ledger.freed(entity_id, [b.name for b in victims], forgotten)
         return victims
 
-    def drop_shards(self, indices: Iterable[int], why: str) -> int:
-        """Free every buffer of these shards and remember them as lost ``why``; returns
-        how many buffers were dropped."""
+    def shard_buffers(self, index: int) -> list[Buffer]:
+        """Every buffer of shard ``index``, entity by entity."""
+        with self._lock:
+            return [buf for bufs in self._shards.get(index, {}).values()
+                    for buf in bufs.values()]
+
+    def drop_shards(self, indices: Iterable[int], why: str, *, lose: bool = True) -> int:
+        """Free every buffer of these shards; returns how many were dropped. They are
+        remembered as lost ``why``, unless their state was handed off (:attr:`exported`) or
+        was never theirs to keep (``lose=False``: a failed import's leftovers)."""
         losses: dict[tuple[str, str], Loss] = {}
+        handed_off: dict[str, list[str]] = {}
+        dropped = 0
         for index in indices:
+            moved = self.exported.pop(index, None) is not None or not lose
             with self._lock:
                 shard = self._shards.pop(index, {})
             for entity_id, bufs in shard.items():
                 for name, buf in bufs.items():
                     self.backend.release(buf.allocation)
-                    losses[(entity_id, name)] = Loss(self.generation, why, time.time())
+                    dropped += 1
+                    if moved:
+                        handed_off.setdefault(entity_id, []).append(name)
+                    else:
+                        losses[(entity_id, name)] = Loss(self.generation, why, time.time())
                     with self._lock:
                         self._used_bytes -= buf.nbytes
         with self._lock:
             self._lost.update(losses)
         if self.ledger is not None:
             self.ledger.lost(losses)
-        return len(losses)
+            for entity_id, names in handed_off.items():
+                self.ledger.freed(entity_id, names)
+        return dropped
