@@ -216,6 +216,148 @@ def _print_map(shard_map: Any, as_json: bool) -> None:
     _print(table)
 
 
+def _shard_index(text: str) -> int:
+    from gpu_tasks.routing import parse_shard_queue
+
+    index = parse_shard_queue(text) if text.startswith("shard-") else (
+        int(text) if text.isdigit() else None)
+    if index is None:
+        raise click.BadParameter(f"{text!r} is not a shard (shard-<n> or <n>)",
+                                 param_hint="SHARD")
+    return index
+
+
+def _run_handoffs(ctx: click.Context, handoffs: list[Any], parallel: int, as_json: bool,
+                  extra: dict[str, Any] | None = None) -> None:
+    """Drive handoffs with a progress bar on a terminal, print their outcomes, exit 1 if any
+    did not move its shard."""
+    from gpu_tasks import handoff
+
+    quiet = as_json or not console.is_terminal
+    with Progress(console=console, disable=quiet, transient=True) as progress:
+        bar = progress.add_task("handing off", total=len(handoffs))
+        outcomes = handoff.run(handoffs, parallel,
+                               on_done=lambda _outcome: progress.advance(bar))
+    ok = all(o.status in ("moved", "nothing to do") for o in outcomes)
+    if as_json:
+        _emit_json({**(extra or {}), "ok": ok, "handoffs": [o.as_dict() for o in outcomes]})
+    elif outcomes:
+        table = Table("shard", "from", "to", "outcome", "entities", "MiB", "seconds", "why",
+                      title=f"{len(outcomes)} handoffs")
+        for o in outcomes:
+            colour = "green" if o.status == "moved" else "red" if o.status in (
+                "failed", "rolled back") else "white"
+            table.add_row(f"shard-{o.shard}", o.source, o.target, f"[{colour}]{o.status}[/]",
+                          str(o.entities), f"{o.bytes / (1 << 20):.1f}", f"{o.seconds:.2f}",
+                          o.message)
+        _print(table)
+    if not ok:
+        sys.exit(1)
+
+
+def _handoff_for(ctx: click.Context, index: int, target: str | None) -> Any:
+    from gpu_tasks import handoff
+
+    settings = _settings(ctx)
+    return handoff.Handoff(index, target, settings.redis_client(), _app(settings),
+                           pause=handoff.parse_pause(settings.handoff_pause))
+
+
+@shards.command("move")
+@click.argument("shard")
+@click.argument("gpu")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_context
+@handle_errors
+def shards_move(ctx: click.Context, shard: str, gpu: str, as_json: bool) -> None:
+    """Hand SHARD (shard-<n>) off to GPU live, with its queued work and its state; on a
+    shard already being handed off, finish or roll back that handoff."""
+    _run_handoffs(ctx, [_handoff_for(ctx, _shard_index(shard), gpu)], 1, as_json)
+
+
+def _rebalance(ctx: click.Context, dry_run: bool, max_moves: int | None, by: str,
+               parallel: int, as_json: bool, drain: str | None = None) -> None:
+    from gpu_tasks.rebalance import plan_from_redis
+    from gpu_tasks.shardmap import ShardMapStore
+
+    settings = _settings(ctx)
+    client = settings.redis_client()
+    unfinished = sorted(ShardMapStore(client).load().moving())
+    plan = plan_from_redis(client, by=by, max_moves=max_moves, drain=drain)
+    if dry_run or not (plan.moves or unfinished):
+        if as_json:
+            _emit_json({"dry_run": dry_run, "unfinished": [f"shard-{i}" for i in unfinished],
+                        **plan.as_dict()})
+            return
+        table = Table("shard", "from", "to", "entities", "MiB",
+                      title=f"{len(plan.moves)} moves" + (" (dry run)" if dry_run else ""))
+        for m in plan.moves:
+            table.add_row(f"shard-{m.shard}", m.source, m.target, str(m.entities),
+                          f"{m.bytes / (1 << 20):.1f}")
+        _print(table)
+        counts = ", ".join(f"{g} {plan.before.get(g, 0)}->{n}" for g, n in plan.after.items())
+        console.print(f"shards per GPU: {counts}", soft_wrap=True)
+        for line in plan.left_out:
+            console.print(f"left out: {line}", soft_wrap=True)
+        return
+    handoffs = [_handoff_for(ctx, i, None) for i in unfinished]
+    handoffs += [_handoff_for(ctx, m.shard, m.target) for m in plan.moves]
+    _run_handoffs(ctx, handoffs, parallel, as_json,
+                  {"plan": plan.as_dict(), "resumed": [f"shard-{i}" for i in unfinished]})
+
+
+_BY = click.Choice(["count", "memory"])
+
+
+@shards.command("rebalance")
+@click.option("--dry-run", is_flag=True, help="Print the plan; move nothing.")
+@click.option("--max-moves", type=click.IntRange(min=1), help="Move at most N shards now.")
+@click.option("--by", type=_BY, default="count", show_default=True,
+              help="Shares by shard count, or in proportion to device memory.")
+@click.option("--parallel", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Handoffs at a time.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_context
+@handle_errors
+def shards_rebalance(ctx: click.Context, dry_run: bool, max_moves: int | None, by: str,
+                     parallel: int, as_json: bool) -> None:
+    """Give every live, undrained GPU its share of shards, moving the fewest, as live
+    handoffs (unfinished ones are finished first)."""
+    _rebalance(ctx, dry_run, max_moves, by, parallel, as_json)
+
+
+@main.command()
+@click.argument("gpu")
+@click.option("--dry-run", is_flag=True, help="Print the plan; move nothing.")
+@click.option("--by", type=_BY, default="count", show_default=True)
+@click.option("--parallel", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_context
+@handle_errors
+def drain(ctx: click.Context, gpu: str, dry_run: bool, by: str, parallel: int,
+          as_json: bool) -> None:
+    """Move every shard off GPU (live handoffs), e.g. before maintenance; it takes no new
+    shards until `gpu-tasks undrain GPU`."""
+    from gpu_tasks.shardmap import ShardMapStore, check_gpu
+
+    check_gpu(gpu)
+    if not dry_run:
+        ShardMapStore(_settings(ctx).redis_client()).set_drained(gpu, True)
+    _rebalance(ctx, dry_run, None, by, parallel, as_json, drain=gpu)
+
+
+@main.command()
+@click.argument("gpu")
+@click.pass_context
+@handle_errors
+def undrain(ctx: click.Context, gpu: str) -> None:
+    """Let GPU take shards again (at the next `gpu-tasks shards rebalance`)."""
+    from gpu_tasks.shardmap import ShardMapStore
+
+    ShardMapStore(_settings(ctx).redis_client()).set_drained(gpu, False)
+    console.print(f"{gpu} takes shards again at the next `gpu-tasks shards rebalance`")
+
+
 # -- worker -----------------------------------------------------------------------------
 
 

@@ -94,6 +94,10 @@ class Settings:
     fault_injection: bool = False
     """Allow the ``fault`` kernel, which breaks a GPU's context on purpose (and so drops
     every entity's buffers on that GPU). For recovery drills and tests only."""
+    handoff_pause: str = ""
+    """For drills and tests: ``<step>:<seconds>`` makes a handoff driver pause that long
+    after the step (``releasing``, ``exported``, ``importing``, ``imported``, ``owned``),
+    so that a process can be killed there."""
     imports: tuple[str, ...] = ()
     """Extra modules a worker imports, where users' own ``@gpu_task`` tasks live."""
     data_dir: str = ".gpu-tasks"

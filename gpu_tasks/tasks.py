@@ -19,7 +19,8 @@ from typing import Any
 
 from gpu_tasks.task import gpu_queue_task, gpu_task
 
-__all__ = ["alloc", "free", "read", "run", "stats", "write"]
+__all__ = ["alloc", "export_shard", "free", "import_shard", "read", "release_shard", "run",
+           "stats", "write"]
 
 
 @gpu_task(name="gpu_tasks.alloc", flat_result=True)
@@ -64,3 +65,24 @@ def stats(gpu: Any) -> dict[str, Any]:
     """This GPU's free/total bytes, buffers, entities, owned shards and generation.
     Send it to a GPU's queue: ``stats.apply_async(queue="gpu.<node>.<i>")``."""
 
+
+
+# The steps of a live handoff (gpu_tasks.handoff drives them), each sent to one GPU's own
+# queue so that it runs after everything that GPU had taken.
+
+
+@gpu_queue_task(name="gpu_tasks.export_shard")
+def export_shard(gpu: Any, shard: int, handoff: str) -> dict[str, Any]:
+    """Write the state of ``shard`` (which this GPU holds but no longer serves) to Redis for
+    ``handoff``, with checksums: ``entities``, ``buffers``, ``bytes``, ``seconds``."""
+
+
+@gpu_queue_task(name="gpu_tasks.import_shard")
+def import_shard(gpu: Any, shard: int, handoff: str) -> dict[str, Any]:
+    """Load ``shard``'s state exported for ``handoff`` onto this GPU, checking every checksum;
+    all or nothing (``OutOfMemory`` if it does not fit)."""
+
+
+@gpu_queue_task(name="gpu_tasks.release_shard")
+def release_shard(gpu: Any, shard: int, handoff: str) -> dict[str, Any]:
+    """Free this GPU's copy of ``shard`` once ``handoff`` has given it to another GPU."""

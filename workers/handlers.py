@@ -16,7 +16,7 @@ import numpy as np
 
 from gpu_tasks import tasks
 from gpu_tasks.errors import BadRequest
-from workers import ownership
+from workers import ownership, shardstate
 from workers.runtime import EntityContext, GpuContext
 
 
@@ -101,6 +101,19 @@ def stats(gpu: GpuContext) -> dict[str, Any]:
     }
 
 
+def export_shard(gpu: GpuContext, shard: Any, handoff: Any) -> dict[str, Any]:
+    return shardstate.export_shard(gpu.store, gpu.runtime.client, gpu.runtime.identity.queue,
+                                   shard, handoff)
+
+
+def import_shard(gpu: GpuContext, shard: Any, handoff: Any) -> dict[str, Any]:
+    return shardstate.import_shard(gpu.store, gpu.runtime.client, shard, handoff)
+
+
+def release_shard(gpu: GpuContext, shard: Any, handoff: Any) -> dict[str, Any]:
+    return shardstate.release_shard(gpu.store, shard, handoff)
+
+
 IMPLEMENTATIONS: dict[str, Callable[..., Any]] = {
     tasks.alloc.name: alloc,
     tasks.write.name: write,
@@ -108,5 +121,8 @@ IMPLEMENTATIONS: dict[str, Callable[..., Any]] = {
     tasks.free.name: free,
     tasks.run.name: run,
     tasks.stats.name: stats,
+    tasks.export_shard.name: export_shard,
+    tasks.import_shard.name: import_shard,
+    tasks.release_shard.name: release_shard,
 }
 """What runs for each built-in task name."""
