@@ -55,3 +55,15 @@ def record(gpu: Any, log: str, seq: int = 0, seconds: float = 0.0) -> dict[str, 
         time.sleep(seconds)
     client.rpush(log, f"{gpu.entity_id}:{seq}")
     return {"seq": seq}
+
+
+@gpu_task(name="tests.step")
+def step(gpu: Any, log: str, seq: int) -> dict[str, Any]:
+    """Step ``seq`` of the entity's history (tests/history.py): read its counter, write
+    ``seq`` there, record ``<entity>:<seq>:<previous>``."""
+    if seq == 0:
+        gpu.alloc("counter", [1], "int64")
+    previous = int(gpu.read("counter")[0])
+    gpu.write("counter", [seq])
+    executions_client().rpush(log, f"{gpu.entity_id}:{seq}:{previous}")
+    return {"previous": previous}
