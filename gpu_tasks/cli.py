@@ -326,6 +326,72 @@ def shards_rebalance(ctx: click.Context, dry_run: bool, max_moves: int | None, b
     _rebalance(ctx, dry_run, max_moves, by, parallel, as_json)
 
 
+@shards.command("failover")
+@click.argument("gpu")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_context
+@handle_errors
+def shards_failover(ctx: click.Context, gpu: str, as_json: bool) -> None:
+    """Give a dead GPU's shards to live GPUs now: the requests it had taken go first, and
+    the state it held is reported lost (EntityStateLost). Refused while GPU has a worker."""
+    from gpu_tasks.failover import fail_over
+
+    settings = _settings(ctx)
+    report = fail_over(settings.redis_client(), gpu)
+    if as_json:
+        _emit_json(report.as_dict())
+    else:
+        console.print(f"{gpu}: {len(report.moved)} shards to live GPUs, {report.requeued} "
+                      f"requests put back first, {report.lost_buffers} buffers lost",
+                      soft_wrap=True)
+    if report.resumed:
+        _run_handoffs(ctx, [_handoff_for(ctx, i, None) for i in report.resumed], 4, as_json)
+
+
+@main.command()
+@click.option("--failover-after", "failover_after_s", type=click.FloatRange(min=0),
+              help="Seconds a GPU's lease must have been expired before failover "
+              "(default: $GPU_TASKS_FAILOVER_AFTER_S or 30).")
+@click.option("--auto-rebalance", is_flag=True,
+              help="Rebalance when a live GPU owns no shard (one joined or came back).")
+@click.option("--max-moves", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Handoffs per automatic rebalance round.")
+@click.option("--interval", "interval_s", type=click.FloatRange(min=0.1), default=1.0,
+              show_default=True, help="Seconds between rounds.")
+@click.option("--once", is_flag=True, help="One round, then exit (prints what it did).")
+@click.pass_context
+@handle_errors
+def coordinator(ctx: click.Context, failover_after_s: float | None, auto_rebalance: bool,
+                max_moves: int, interval_s: float, once: bool) -> None:
+    """Keep the fleet whole: fail over dead GPUs, finish abandoned handoffs, rebalance onto
+    GPUs that join. One acts at a time; others stand by."""
+    import logging
+    import threading
+
+    from gpu_tasks import handoff
+    from gpu_tasks.coordinator import Coordinator
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    settings = _settings(ctx).replace(failover_after_s=failover_after_s)
+    boss = Coordinator(settings.redis_client(), _app(settings),
+                       failover_after_s=settings.failover_after_s,
+                       auto_rebalance=auto_rebalance, max_moves=max_moves,
+                       interval_s=interval_s, lease_ttl_s=settings.lease_ttl_s,
+                       pause=handoff.parse_pause(settings.handoff_pause))
+    if once:
+        _emit_json(boss.tick().as_dict())
+        boss.release()
+        return
+    stop = threading.Event()
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+    boss.run(stop)
+
+
 @main.command()
 @click.argument("gpu")
 @click.option("--dry-run", is_flag=True, help="Print the plan; move nothing.")

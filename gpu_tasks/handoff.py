@@ -51,6 +51,10 @@ CHUNK_BYTES = 64 << 20
 STATE_TTL_S = 24 * 3600
 """Exported state expires by itself, should its driver vanish for good."""
 
+DRIVER_KEY = "gpu-tasks:handoff:{handoff}:driver"
+"""Set (with a short expiry) by whatever is driving the handoff, renewed at each poll."""
+DRIVER_TTL_MS = 5000
+
 STEPS = ("releasing", "exported", "importing", "imported", "owned")
 """Where a handoff can be paused for a drill (``GPU_TASKS_HANDOFF_PAUSE=<step>:<s>``)."""
 
@@ -131,7 +135,7 @@ class Handoff:
                          f"{shard_name(self.index)} is already on {entry.owner}")
             return self
         for gpu, role in ((entry.owner, "its owner"), (self.target, "the target")):
-            if gpu is None or not self._alive(gpu):
+            if gpu is None or not self._leases.alive(gpu):
                 raise HandoffError(
                     f"cannot move {shard_name(self.index)}: {role} {gpu} has no live worker "
                     "(no lease)" + (" (a dead owner's shards are failed over, not moved)"
@@ -150,6 +154,12 @@ class Handoff:
             self._finish(entry.owner or "", entry.owner or "", "", "nothing to do",
                          f"{shard_name(self.index)} is not being handed off")
             return self
+        driver = self.client.pttl(DRIVER_KEY.format(handoff=entry.handoff))
+        if driver > 0:
+            raise HandoffError(
+                f"{shard_name(self.index)}'s handoff {entry.handoff} is being driven by another "
+                f"process (its heartbeat expires in {driver / 1000:.1f}s): let it finish, or "
+                "run this again once it is gone")
         self._entry, self._epoch = entry, self._store.epoch() or 0
         self.target = entry.target
         log.warning("%s: resuming handoff %s (%s, %s -> %s)", shard_name(self.index),
@@ -163,6 +173,7 @@ class Handoff:
         """Advance as far as possible without waiting; True once there is an outcome."""
         while self.outcome is None:
             try:
+                self._heartbeat()
                 if not self._step():
                     return False
             except GpuTasksError as exc:
@@ -178,7 +189,7 @@ class Handoff:
         source, target = entry.owner, entry.target
         if entry.state == "releasing":
             if self._task is None:
-                if not self._alive(source):
+                if not self._leases.alive(source):
                     return self._roll_back(f"{source} has no live worker: its state cannot "
                                            "be exported")
                 if not self._followed(source):
@@ -195,7 +206,7 @@ class Handoff:
             return True
         if entry.state == "importing":
             if self._task is None:
-                if not self._alive(target):
+                if not self._leases.alive(target):
                     return self._roll_back(f"{target} has no live worker to import into")
                 if not self._followed(target):
                     return False
@@ -216,6 +227,12 @@ class Handoff:
 
     # -- helpers -----------------------------------------------------------------------
 
+    def _heartbeat(self) -> None:
+        """Say this handoff has a live driver (a re-run or the coordinator leaves it alone)."""
+        entry = self._entry
+        if entry is not None and entry.handoff:
+            self.client.set(DRIVER_KEY.format(handoff=entry.handoff), "1", px=DRIVER_TTL_MS)
+
     def _transition(self, entry: Shard, new: Shard, step: str) -> None:
         self._epoch = self._store.transition(self.index, entry, new)
         self._entry = new
@@ -229,12 +246,6 @@ class Handoff:
             log.warning("%s: pausing %.1fs after step %s (a drill)", shard_name(self.index),
                         self.pause[1], step)
             time.sleep(self.pause[1])
-
-    def _alive(self, gpu: str) -> bool:
-        """Whether a worker serves ``gpu``: it holds the lease, and its process is not known
-        to be gone (a SIGKILLed worker's lease outlives it by up to its TTL)."""
-        lease = self._leases.get(gpu)
-        return lease is not None and not lease.holder_gone()
 
     def _followed(self, gpu: str) -> bool:
         """Whether ``gpu``'s worker consumes by the map epoch of this handoff's last step."""
@@ -287,7 +298,7 @@ class Handoff:
 
     def _release_source(self, source: str, handoff: str) -> None:
         """Let the source free its copy now (it would at its next request anyway)."""
-        if self._alive(source):
+        if self._leases.alive(source):
             self.app.send_task("gpu_tasks.release_shard",
                                kwargs={"shard": self.index, "handoff": handoff}, queue=source)
         self._discard(handoff)
@@ -331,9 +342,16 @@ def parse_pause(text: str) -> tuple[str, float] | None:
         raise HandoffError(f"handoff pause {text!r}: seconds must be a number") from None
 
 
+def driven(client: redis.Redis, handoff: str | None) -> bool:
+    """Whether a live process drives ``handoff`` (its heartbeat has not expired)."""
+    return bool(handoff) and bool(client.exists(DRIVER_KEY.format(handoff=handoff)))
+
+
 def run(handoffs: Iterable[Handoff], parallel: int = 4, poll_s: float = 0.05,
-        on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
-    """Drive ``handoffs``, ``parallel`` at a time, from this thread; their outcomes."""
+        on_done: Callable[[Outcome], None] | None = None,
+        on_poll: Callable[[], None] | None = None) -> list[Outcome]:
+    """Drive ``handoffs``, ``parallel`` at a time, from this thread; their outcomes.
+    ``on_poll`` runs between rounds (the coordinator renews its lease there)."""
     pending = iter(handoffs)
     active: list[Handoff] = []
     outcomes: list[Outcome] = []
@@ -361,6 +379,8 @@ def run(handoffs: Iterable[Handoff], parallel: int = 4, poll_s: float = 0.05,
             else:
                 still.append(handoff)
         active = still
+        if on_poll is not None:
+            on_poll()
         if active:
             time.sleep(poll_s)
     return outcomes

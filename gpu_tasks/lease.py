@@ -16,6 +16,8 @@ Layout in Redis:
   worker consumes by; -1 before it has read one) and ``consuming`` (how many shard
   queues it consumes)
 - ``gpu-tasks:leases``       set of every GPU that has held a lease
+- ``gpu-tasks:lease-seen``   hash ``<gpu>`` -> when its lease was last renewed (ms, Redis
+  time): kept after the lease expires, so failover knows for how long a GPU has been gone
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 LEASE_KEY = "gpu-tasks:lease:{gpu}"
 LEASES_KEY = "gpu-tasks:leases"
+SEEN_KEY = "gpu-tasks:lease-seen"
 
 # Take the lease when it is free, already ours, or held by ARGV[3] (a holder known to
 # be dead); then write the holder's fields, renew the expiry and report the shard
@@ -57,11 +60,14 @@ redis.call('HSET', KEYS[1], 'token', ARGV[1], 'renewed_ms', now, 'ttl_ms', ARGV[
            unpack(ARGV, 5))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[4])
+redis.call('HSET', KEYS[4], ARGV[4], now + tonumber(ARGV[2]))
 return {1, now, tonumber(redis.call('HGET', KEYS[3], 'epoch') or '-1')}
 """
 
 _RELEASE = """
 if redis.call('HGET', KEYS[1], 'token') == ARGV[1] then
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[2], ARGV[2], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
   return redis.call('DEL', KEYS[1])
 end
 return 0
@@ -192,7 +198,7 @@ class LeaseStore:
         """Take or renew ``gpu``'s lease for ``holder`` (also when it expired meanwhile and
         nobody else took it), unless someone other than ``replacing`` holds it."""
         reply = self._claim(
-            keys=[LEASE_KEY.format(gpu=gpu), LEASES_KEY, META_KEY],
+            keys=[LEASE_KEY.format(gpu=gpu), LEASES_KEY, META_KEY, SEEN_KEY],
             args=[holder.token, int(ttl_s * 1000), replacing, gpu, *holder.fields(),
                   "epoch", epoch, "consuming", consuming],
         )
@@ -203,7 +209,8 @@ class LeaseStore:
 
     def release(self, gpu: str, token: str) -> bool:
         """Give the lease up (a clean stop): True if it was ours."""
-        return bool(self._release(keys=[LEASE_KEY.format(gpu=gpu)], args=[token]))
+        return bool(self._release(keys=[LEASE_KEY.format(gpu=gpu), SEEN_KEY],
+                                  args=[token, gpu]))
 
     def get(self, gpu: str) -> Lease | None:
         pipe = self.client.pipeline(transaction=True)
@@ -213,6 +220,25 @@ class LeaseStore:
         if not raw:
             return None
         return Lease.from_hash(gpu, raw, int(seconds) * 1000 + int(micros) // 1000)
+
+    def alive(self, gpu: str) -> bool:
+        """Whether a worker serves ``gpu``: it holds the lease and its process is not known
+        to be gone (a SIGKILLed worker's lease outlives it by up to its TTL)."""
+        lease = self.get(gpu)
+        return lease is not None and not lease.holder_gone()
+
+    def gone_for_s(self, gpu: str) -> float | None:
+        """How long ``gpu``'s lease has been expired, by Redis's clock: None while it is held
+        (or if it never was), 0.0 if released by a clean stop."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.time()
+        pipe.exists(LEASE_KEY.format(gpu=gpu))
+        pipe.hget(SEEN_KEY, gpu)
+        (seconds, micros), held, until = pipe.execute()
+        if held or until is None:
+            return None
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        return max(0.0, (now_ms - int(until)) / 1000)
 
     def all(self) -> dict[str, Lease | None]:
         """Every GPU that has held a lease, with its lease now (None: expired or released)."""

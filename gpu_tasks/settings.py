@@ -94,6 +94,9 @@ class Settings:
     fault_injection: bool = False
     """Allow the ``fault`` kernel, which breaks a GPU's context on purpose (and so drops
     every entity's buffers on that GPU). For recovery drills and tests only."""
+    failover_after_s: float = 30.0
+    """How long a GPU's lease must have been expired before the coordinator fails it over
+    (gives its shards, and the work it had taken, to live GPUs)."""
     handoff_pause: str = ""
     """For drills and tests: ``<step>:<seconds>`` makes a handoff driver pause that long
     after the step (``releasing``, ``exported``, ``importing``, ``imported``, ``owned``),
@@ -123,7 +126,8 @@ class Settings:
                 f"({self.map_poll_s}): the lease is renewed every map_poll_s"
             )
         for name in ("lease_ttl_s", "map_poll_s", "heartbeat_s", "redis_timeout_s",
-                     "device_open_timeout_s", "task_time_limit_s", "sim_memory_bytes"):
+                     "device_open_timeout_s", "failover_after_s", "task_time_limit_s",
+                     "sim_memory_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
 
@@ -190,7 +194,8 @@ def env_name(field_name: str) -> str:
 _INT_FIELDS = {"shard_count"}
 _SIZE_FIELDS = {"sim_memory_bytes", "entity_memory_bytes"}
 _FLOAT_FIELDS = {"lease_ttl_s", "map_poll_s", "heartbeat_s", "redis_timeout_s",
-                 "device_open_timeout_s", "task_time_limit_s", "visibility_timeout_s"}
+                 "device_open_timeout_s", "failover_after_s", "task_time_limit_s",
+                 "visibility_timeout_s"}
 
 
 def _convert(name: str, raw: str) -> Any:

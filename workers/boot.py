@@ -26,10 +26,11 @@ from gpu_tasks.errors import ConfigError
 from gpu_tasks.fleet import FleetRegistry, GpuRecord
 from gpu_tasks.lease import Holder
 from gpu_tasks.settings import Settings
+from gpu_tasks.unacked import restore_unacked, unacked_keys
 from workers import control, ownership, runtime
 from workers.consumption import CONSUMER, Consumption, bootstep
 from workers.runtime import DeviceRuntime, WorkerIdentity
-from workers.transport import TRANSPORT, restore_unacked, unacked_keys
+from workers.transport import TRANSPORT
 
 log = logging.getLogger(__name__)
 

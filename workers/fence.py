@@ -39,7 +39,7 @@ from gpu_tasks.routing import (
     validate_entity_id,
 )
 from gpu_tasks.shardmap import NO_MAP
-from workers.transport import SOURCE, source_queue
+from gpu_tasks.unacked import SOURCE, source_queue
 
 log = logging.getLogger(__name__)
 

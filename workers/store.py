@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 
 from gpu_tasks.errors import BadRequest, EntityStateLost, NoSuchBuffer, OutOfMemory, StaleHandle
+from gpu_tasks.ledger import Loss
 from workers.backend import DTYPES, Backend, Buffer
-from workers.ledger import BufferLedger, Loss
+from workers.ledger import BufferLedger
 
 MAX_DIMS = 8
 
@@ -87,9 +88,11 @@ class BufferStore:
         self.shard_of = shard_of
         self.ledger = ledger
         self._shards: dict[int, dict[str, dict[str, Buffer]]] = {}
-        self._lost: dict[tuple[str, str], Loss] = ledger.take_over() if ledger else {}
-        """(entity, name) -> when and why it was lost, for a clear answer later: what this
-        process lost, and with a ledger what the processes before it lost too."""
+        if ledger is not None:
+            ledger.take_over()
+        self._lost: dict[tuple[str, str], Loss] = {}
+        """(entity, name) -> when and why this process lost it, for a clear answer later;
+        with a ledger, losses recorded anywhere else are looked up there."""
         self._used_bytes = 0
         self.exported: dict[int, str] = {}
         """Shards whose state was exported for a handoff (shard -> handoff id): once the
@@ -118,8 +121,10 @@ class BufferStore:
         if buf is not None:
             return buf
         lost = self._lost.get((entity_id, name))
+        if lost is None and self.ledger is not None:  # a miss: the rare path may ask Redis
+            lost = self.ledger.lookup(self.shard_of(entity_id), entity_id, name)
         if lost is not None:
-            gpu = self.ledger.gpu if self.ledger is not None else "this GPU"
+            gpu = lost.gpu or (self.ledger.gpu if self.ledger is not None else "this GPU")
             raise EntityStateLost(
                 f"buffer {name!r} of entity {entity_id!r} on {gpu} was lost {lost.why} "
                 f"(generation {lost.generation}; now generation {self.generation}, at "
@@ -215,14 +220,13 @@ class BufferStore:
                     if not shard:
                         del self._shards[index]
                 self._used_bytes -= buf.nbytes
-        forgotten: list[str] = []
         if name is None:
             with self._lock:
                 for key in [k for k in self._lost if k[0] == entity_id]:
                     del self._lost[key]
-                    forgotten.append(key[1])
-        if self.ledger is not None and (victims or forgotten):
-            self.ledger.freed(entity_id, [b.name for b in victims], forgotten)
+        if self.ledger is not None:
+            self.ledger.freed(entity_id, [b.name for b in victims], index,
+                              forget_losses=name is None)
         return victims
 
     def shard_buffers(self, index: int) -> list[Buffer]:
@@ -235,7 +239,7 @@ class BufferStore:
         """Free every buffer of these shards; returns how many were dropped. They are
         remembered as lost ``why``, unless their state was handed off (:attr:`exported`) or
         was never theirs to keep (``lose=False``: a failed import's leftovers)."""
-        losses: dict[tuple[str, str], Loss] = {}
+        losses: dict[tuple[int, str, str], Loss] = {}
         handed_off: dict[str, list[str]] = {}
         dropped = 0
         for index in indices:
@@ -249,11 +253,13 @@ class BufferStore:
                     if moved:
                         handed_off.setdefault(entity_id, []).append(name)
                     else:
-                        losses[(entity_id, name)] = Loss(self.generation, why, time.time())
+                        losses[(index, entity_id, name)] = Loss(
+                            self.generation, why, time.time(),
+                            self.ledger.gpu if self.ledger is not None else "")
                     with self._lock:
                         self._used_bytes -= buf.nbytes
         with self._lock:
-            self._lost.update(losses)
+            self._lost.update({(e, n): loss for (_, e, n), loss in losses.items()})
         if self.ledger is not None:
             self.ledger.lost(losses)
             for entity_id, names in handed_off.items():

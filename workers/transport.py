@@ -15,9 +15,9 @@ A GPU worker consumes one queue per shard it owns (1024 on a one-GPU host), so:
 - **Put back at the head.** A requeued message (``reject(requeue=True)``, a restore
   at shutdown) goes back to the head of its queue, not the tail: a shard's order is
   its entities' order.
-- **Unacknowledged messages per GPU.** Each GPU keeps its own unacked keys, so a
-  worker restarted after a crash can put back at once what it had taken
-  (:func:`restore_unacked`) instead of waiting for the visibility timeout.
+- **Unacknowledged messages per GPU.** Each GPU keeps its own unacked keys
+  (:mod:`gpu_tasks.unacked`), so what a dead worker had taken is put back at once by its
+  successor or by failover, instead of after the visibility timeout.
 """
 
 from __future__ import annotations
@@ -28,41 +28,13 @@ import logging
 import time
 from typing import Any
 
-import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 
 from gpu_tasks.errors import ConfigError
+from gpu_tasks.unacked import SOURCE, mark_redelivered, source_queue
 
 log = logging.getLogger(__name__)
-
-SOURCE = "gpu_tasks_source"
-"""Key in a delivered message's ``delivery_info``: the queue it was popped from."""
-
-
-def unacked_keys(gpu: str) -> dict[str, str]:
-    """Transport options that give ``gpu`` its own unacknowledged-message keys."""
-    return {
-        "unacked_key": f"gpu-tasks:unacked:{gpu}",
-        "unacked_index_key": f"gpu-tasks:unacked_index:{gpu}",
-        "unacked_mutex_key": f"gpu-tasks:unacked_mutex:{gpu}",
-    }
-
-
-def source_queue(payload: Any, routing_key: str | None = None) -> str | None:
-    """The queue a raw message was popped from (or, never stamped, its routing key)."""
-    try:
-        source = payload["properties"]["delivery_info"].get(SOURCE)
-    except (TypeError, KeyError, AttributeError):
-        source = None
-    return source if isinstance(source, str) else routing_key
-
-
-def _mark_redelivered(payload: Any) -> None:
-    with contextlib.suppress(TypeError, KeyError):
-        payload["headers"]["redelivered"] = True
-        payload["properties"]["delivery_info"]["redelivered"] = True
-
 
 def _bulk(arg: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(arg), arg)
@@ -176,7 +148,7 @@ class GpuChannel(kombu_redis.Channel):  # type: ignore[misc]
         if source is None:
             super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
             return
-        _mark_redelivered(payload)
+        mark_redelivered(payload)
         (pipe.lpush if leftmost else pipe.rpush)(source, json.dumps(payload))
 
 
@@ -193,33 +165,3 @@ class GpuTransport(kombu_redis.Transport):  # type: ignore[misc]
 
 TRANSPORT = f"{GpuTransport.__module__}:{GpuTransport.__qualname__}"
 """``broker_transport`` of a GPU worker."""
-
-
-def restore_unacked(client: redis.Redis, gpu: str) -> int:
-    """Put every message ``gpu``'s last worker had taken and not acknowledged back at the
-    head of its source queue, earliest taken first in line; returns how many.
-
-    Only the holder of ``gpu``'s lease may call this (a worker at boot): nobody else
-    touches these keys meanwhile."""
-    keys = unacked_keys(gpu)
-    order = client.zrange(keys["unacked_index_key"], 0, -1)
-    held = client.hgetall(keys["unacked_key"])
-    tags = [t for t in order if t in held] + [t for t in held if t not in set(order)]
-    pipe = client.pipeline(transaction=True)
-    restored = 0
-    for tag in reversed(tags):  # RPUSH each at the head, the latest first
-        try:
-            payload, _exchange, routing_key = json.loads(held[tag])
-        except (ValueError, TypeError):
-            log.error("%s: dropping an unreadable unacknowledged entry %r", gpu, held[tag][:200])
-            continue
-        queue = source_queue(payload, routing_key)
-        if not queue:
-            log.error("%s: an unacknowledged message names no queue: %r", gpu, payload)
-            continue
-        _mark_redelivered(payload)
-        pipe.rpush(queue, json.dumps(payload))
-        restored += 1
-    pipe.delete(keys["unacked_key"], keys["unacked_index_key"])
-    pipe.execute()
-    return restored

@@ -12,8 +12,9 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Queue
 
+from gpu_tasks.unacked import SOURCE, restore_unacked, unacked_keys
 from tests.messages import raw_task_message
-from workers.transport import SOURCE, GpuChannel, GpuTransport, restore_unacked, unacked_keys
+from workers.transport import GpuChannel, GpuTransport
 
 GPU = "gpu.t.0"
 
