@@ -40,6 +40,10 @@ class GpuRecord:
     used_bytes: int = 0
     entities: int = 0
     buffers: int = 0
+    spilled_bytes: int = 0
+    spills: int = 0
+    restores: int = 0
+    evictions: int = 0
     generation: int = 0
     pid: int = 0
     state: str = "running"

@@ -25,7 +25,10 @@ Drivers are :class:`Handoff` objects stepped without blocking (:meth:`Handoff.po
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -36,7 +39,7 @@ import redis
 from celery import states
 
 from gpu_tasks.errors import GpuTasksError, HandoffError, ShardMapError
-from gpu_tasks.lease import LeaseStore
+from gpu_tasks.lease import LeaseStore, process_gone, process_start
 from gpu_tasks.routing import shard_name
 from gpu_tasks.shardmap import Shard, ShardMapStore, check_gpu
 
@@ -154,12 +157,12 @@ class Handoff:
             self._finish(entry.owner or "", entry.owner or "", "", "nothing to do",
                          f"{shard_name(self.index)} is not being handed off")
             return self
-        driver = self.client.pttl(DRIVER_KEY.format(handoff=entry.handoff))
-        if driver > 0:
+        if driven(self.client, entry.handoff):
+            ttl = self.client.pttl(DRIVER_KEY.format(handoff=entry.handoff))
             raise HandoffError(
                 f"{shard_name(self.index)}'s handoff {entry.handoff} is being driven by another "
-                f"process (its heartbeat expires in {driver / 1000:.1f}s): let it finish, or "
-                "run this again once it is gone")
+                f"process (its heartbeat expires in {max(ttl, 0) / 1000:.1f}s): let it finish, "
+                "or run this again once it is gone")
         self._entry, self._epoch = entry, self._store.epoch() or 0
         self.target = entry.target
         log.warning("%s: resuming handoff %s (%s, %s -> %s)", shard_name(self.index),
@@ -231,7 +234,7 @@ class Handoff:
         """Say this handoff has a live driver (a re-run or the coordinator leaves it alone)."""
         entry = self._entry
         if entry is not None and entry.handoff:
-            self.client.set(DRIVER_KEY.format(handoff=entry.handoff), "1", px=DRIVER_TTL_MS)
+            self.client.set(DRIVER_KEY.format(handoff=entry.handoff), _ME, px=DRIVER_TTL_MS)
 
     def _transition(self, entry: Shard, new: Shard, step: str) -> None:
         self._epoch = self._store.transition(self.index, entry, new)
@@ -342,9 +345,24 @@ def parse_pause(text: str) -> tuple[str, float] | None:
         raise HandoffError(f"handoff pause {text!r}: seconds must be a number") from None
 
 
+_ME = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                  "pid_start": process_start(os.getpid())})
+
+
 def driven(client: redis.Redis, handoff: str | None) -> bool:
-    """Whether a live process drives ``handoff`` (its heartbeat has not expired)."""
-    return bool(handoff) and bool(client.exists(DRIVER_KEY.format(handoff=handoff)))
+    """Whether a live process drives ``handoff``: its heartbeat has not expired, and its
+    process is not known to be gone (a driver killed on this host is known at once)."""
+    if not handoff:
+        return False
+    raw = client.get(DRIVER_KEY.format(handoff=handoff))
+    if raw is None:
+        return False
+    try:
+        me = json.loads(raw)
+        gone = process_gone(me["host"], int(me["pid"]), me.get("pid_start", ""))
+    except (ValueError, KeyError, TypeError):
+        gone = None
+    return not gone
 
 
 def run(handoffs: Iterable[Handoff], parallel: int = 4, poll_s: float = 0.05,

@@ -88,6 +88,23 @@ def process_start(pid: int) -> str:
     return stat[stat.rindex(")") + 2 :].split()[19] if ")" in stat else ""
 
 
+def process_gone(host: str, pid: int, pid_start: str = "", boot_id: str = "") -> bool | None:
+    """Whether process ``pid`` of ``host`` is known to be gone: True or False on this host,
+    None (unknown) elsewhere. ``pid_start`` and ``boot_id`` tell a reused pid or a rebooted
+    host from the process itself."""
+    if host != socket.gethostname():
+        return None
+    if boot_id and boot_id != _read("/proc/sys/kernel/random/boot_id"):
+        return True  # this host has rebooted since
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    return bool(pid_start) and process_start(pid) != pid_start
+
+
 @dataclass(frozen=True)
 class Holder:
     """One worker process that holds, or wants, a GPU's lease."""
@@ -138,17 +155,7 @@ class Lease:
     def holder_gone(self) -> bool | None:
         """Whether the holder's process is known to be gone: True or False when it ran on
         this host, None (unknown) when it ran elsewhere."""
-        if self.host != socket.gethostname():
-            return None
-        if self.boot_id and self.boot_id != _read("/proc/sys/kernel/random/boot_id"):
-            return True  # this host has rebooted since
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass  # alive, another user's
-        return bool(self.pid_start) and process_start(self.pid) != self.pid_start
+        return process_gone(self.host, self.pid, self.pid_start, self.boot_id)
 
     def describe(self) -> str:
         return (f"{self.worker} (pid {self.pid} on {self.host}, lease renewed "

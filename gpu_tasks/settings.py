@@ -71,6 +71,12 @@ class Settings:
     """Capacity of each simulated GPU."""
     entity_memory_bytes: int = 0
     """Most device memory one entity may hold on a GPU; 0 means no quota."""
+    entity_idle_s: float = 600.0
+    """An entity unused this long has its buffers spilled to host memory (restored on its
+    next request); 0 never spills idle entities (memory pressure still does)."""
+    spill_memory_bytes: int = 4 << 30
+    """Host memory a GPU worker may hold spilled buffers in; an entity that would not fit
+    there is evicted instead (its buffers answer EntityStateLost)."""
     lease_ttl_s: float = 10.0
     """How long a GPU worker's lease on its GPU lasts unless renewed. A worker that stops
     renewing it (killed, frozen, cut off from Redis) stops executing and counts as gone
@@ -130,6 +136,9 @@ class Settings:
                      "sim_memory_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
+        for name in ("entity_idle_s", "spill_memory_bytes", "entity_memory_bytes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, not {getattr(self, name)}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -183,7 +192,8 @@ class Settings:
 
 # Sizes take units ("512MiB"), so their variables drop the _BYTES of the field name.
 _ENV_NAMES = {"sim_memory_bytes": "GPU_TASKS_SIM_MEMORY",
-              "entity_memory_bytes": "GPU_TASKS_ENTITY_MEMORY"}
+              "entity_memory_bytes": "GPU_TASKS_ENTITY_MEMORY",
+              "spill_memory_bytes": "GPU_TASKS_SPILL_MEMORY"}
 
 
 def env_name(field_name: str) -> str:
@@ -192,10 +202,10 @@ def env_name(field_name: str) -> str:
 
 
 _INT_FIELDS = {"shard_count"}
-_SIZE_FIELDS = {"sim_memory_bytes", "entity_memory_bytes"}
-_FLOAT_FIELDS = {"lease_ttl_s", "map_poll_s", "heartbeat_s", "redis_timeout_s",
-                 "device_open_timeout_s", "failover_after_s", "task_time_limit_s",
-                 "visibility_timeout_s"}
+_SIZE_FIELDS = {"sim_memory_bytes", "entity_memory_bytes", "spill_memory_bytes"}
+_FLOAT_FIELDS = {"entity_idle_s", "lease_ttl_s", "map_poll_s", "heartbeat_s",
+                 "redis_timeout_s", "device_open_timeout_s", "failover_after_s",
+                 "task_time_limit_s", "visibility_timeout_s"}
 
 
 def _convert(name: str, raw: str) -> Any:

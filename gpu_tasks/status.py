@@ -146,5 +146,6 @@ def _device(record: GpuRecord | None) -> dict[str, Any]:
     if record is None:
         return {}
     keep = ("backend", "device_name", "device_uuid", "total_bytes", "used_bytes", "entities",
-            "buffers", "generation", "pid", "state", "error", "started_at", "heartbeat_at")
+            "buffers", "spilled_bytes", "spills", "restores", "evictions", "generation", "pid",
+            "state", "error", "started_at", "heartbeat_at")
     return {k: getattr(record, k) for k in keep}

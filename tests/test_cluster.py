@@ -182,14 +182,22 @@ def test_out_of_memory_is_an_answer_not_a_crash(cluster: LocalCluster) -> None:
     with pytest.raises(OutOfMemory, match="whole GPU") as raised:
         call(alloc, entity_id=e1, name="huge", shape=[SIM_MEMORY + 1], dtype="uint8")
     assert raised.value.requested_bytes == SIM_MEMORY + 1
-    # Two entities on one GPU share its memory: the second big buffer does not fit
+    # Two entities on one GPU share its memory: the second's big buffer fits by spilling
+    # the first, least recently used, to host memory
     call(alloc, entity_id=e1, name="big", shape=[(SIM_MEMORY * 3 // 4) // 4], dtype="float32")
-    with pytest.raises(OutOfMemory, match="free"):
-        call(alloc, entity_id=e2, name="big", shape=[(SIM_MEMORY // 2) // 4], dtype="float32")
-    assert_still_serving(e2)
-    # Freeing gives the memory back
-    call(free, entity_id=e1, name="big")
+    call(write, entity_id=e1, name="big", values=[1.5, 2.5])
     call(alloc, entity_id=e2, name="big", shape=[(SIM_MEMORY // 2) // 4], dtype="float32")
+    # But one entity's own working set beyond the GPU is an answer, not a crash
+    with pytest.raises(OutOfMemory, match="free"):
+        call(alloc, entity_id=e2, name="big2", shape=[(SIM_MEMORY * 5 // 8) // 4],
+             dtype="float32")
+    assert_still_serving(e2)
+    # And the spilled entity comes back as it was on its next request
+    got = call(read, entity_id=e1, name="big", as_list=True)["values"]
+    assert got[:3] == [1.5, 2.5, 0.0]
+    spilled = stats.apply_async(queue=f"gpu.{NODE}.2").get(timeout=TIMEOUT)
+    assert spilled["spills"] >= 2 and spilled["restores"] >= 1  # e1 out, e1 back (e2 out)
+    call(free, entity_id=e1)
     call(free, entity_id=e2)
 
 

@@ -24,7 +24,7 @@ from celery.result import AsyncResult
 
 from gpu_tasks.app import app
 from gpu_tasks.cluster import LocalCluster
-from gpu_tasks.errors import EntityStateLost, NoSuchBuffer
+from gpu_tasks.errors import EntityStateLost
 from gpu_tasks.lease import LeaseStore
 from gpu_tasks.routing import shard_index, shard_name
 from gpu_tasks.settings import Settings
@@ -234,12 +234,13 @@ def test_workers_follow_the_shard_map_without_a_restart(
         for result in pending:
             result.get(timeout=TIMEOUT)
         assert executions(client, log) == {f"{entity}:{seq}": 1 for seq in range(81)}
-        # The device state did not move with it (moving it is the handoff's job)
-        with pytest.raises(NoSuchBuffer):
-            read.apply_async(kwargs={"entity_id": entity, "name": "keep"}).get(timeout=TIMEOUT)
-        # And GPU 0 dropped it rather than keep a stale copy: when the shard comes back,
-        # the old buffer is reported gone, not served
+        # The device state did not move with it (moving it is the handoff's job): GPU 0
+        # drops it at its next request rather than keep a stale copy, and records the loss,
+        # so GPU 1 answers for it
         assert stats.apply_async(queue=GPU0).get(timeout=TIMEOUT)["shards"] == 7
+        with pytest.raises(EntityStateLost, match="stopped being served by " + GPU0):
+            read.apply_async(kwargs={"entity_id": entity, "name": "keep"}).get(timeout=TIMEOUT)
+        # And when the shard comes back, the old buffer is reported gone, not served
         epoch = store.assign({index: GPU0})
         wait_until(lambda: consume_by(leases, epoch), timeout=5)
         with pytest.raises(EntityStateLost, match="stopped being served by " + GPU0):

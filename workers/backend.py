@@ -49,6 +49,9 @@ class Buffer:
     shape: tuple[int, ...]
     generation: int
     allocation: Any
+    """The device memory; None while the buffer is spilled to :attr:`host`."""
+    host: np.ndarray[Any, Any] | None = None
+    """The buffer's contents in host memory while it is spilled (passivated)."""
 
     @property
     def size(self) -> int:

@@ -165,6 +165,8 @@ class DeviceRuntime:
             settings.entity_memory_bytes,
             shard_of=lambda entity_id: shard_index(entity_id, self.shard_count),
             ledger=BufferLedger(client, identity.queue),
+            idle_s=settings.entity_idle_s,
+            spill_capacity_bytes=settings.spill_memory_bytes,
         )
         self.started_at = time.time()
         self.ending: str | None = None
@@ -270,6 +272,8 @@ class DeviceRuntime:
         and end this child if its context was poisoned (raises ``SystemExit``; the worker's
         parent forks a fresh child, and the request, already answered, is not run again)."""
         self._tasks += 1
+        if self.ending is None:
+            self.store.passivate_idle()
         if self._collects_garbage:
             gc.collect(0 if self._tasks % _FULL_COLLECTION_EVERY else 2)
         if self.ending is not None:
@@ -390,6 +394,7 @@ def execute(
         except RoutingError as exc:
             raise BadRequest(str(exc), "entity_id") from None
         shard = runtime.serve(eid, task.name)
+        runtime.store.touch(eid)
         ctx = EntityContext(runtime, eid, shard)
     _bind(body, ctx, args, kwargs)
     with runtime.guard():

@@ -69,7 +69,7 @@ def export_shard(store: BufferStore, client: redis.Redis, gpu: str, shard: objec
     pipe = client.pipeline(transaction=False)
     total = 0
     for n, buf in enumerate(store.shard_buffers(index)):
-        raw = store.backend.download(buf).astype(buf.dtype.newbyteorder("<"), copy=False)
+        raw = store.host_copy(buf).astype(buf.dtype.newbyteorder("<"), copy=False)
         data = raw.tobytes()
         chunks = max(1, -(-len(data) // CHUNK_BYTES))
         for c in range(chunks):

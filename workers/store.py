@@ -1,10 +1,16 @@
 """The buffer store of one GPU: which entity of which shard owns which device buffer.
 
-Memory is accounted per GPU (the backend refuses what does not fit) and per
-entity (an optional quota). Buffers are lost when the pool child holding them
-ends (a crash, a poisoned context) and when their shard stops being served here;
-the store remembers which names were lost, when and why, so a later request for
-one fails with :class:`StaleHandle` instead of a puzzling :class:`NoSuchBuffer`.
+Memory is accounted per GPU (the backend refuses what does not fit) and per entity (an
+optional quota). Entities are passivated: one idle for ``idle_s`` has its buffers
+spilled to host memory, and restored on its next use; when an allocation would not fit,
+the least recently used entities are spilled first, so ``OutOfMemory`` means the working
+set really does not fit. Host spill space has a cap (``spill_capacity_bytes``): an entity
+that would not fit there is evicted instead.
+
+Buffers are lost when the pool child holding them ends (a crash, a poisoned context),
+when their shard stops being served here, and when they are evicted; the store remembers
+which names were lost, when and why, so a later request for one fails with
+:class:`~gpu_tasks.errors.EntityStateLost` instead of a puzzling :class:`NoSuchBuffer`.
 With a :class:`~workers.ledger.BufferLedger` that memory outlives the process.
 """
 
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +88,8 @@ class BufferStore:
         entity_quota_bytes: int = 0,
         shard_of: Callable[[str], int] = _single_shard,
         ledger: BufferLedger | None = None,
+        idle_s: float = 0.0,
+        spill_capacity_bytes: int = 0,
     ) -> None:
         self.backend = backend
         self.generation = generation
@@ -94,6 +103,13 @@ class BufferStore:
         """(entity, name) -> when and why this process lost it, for a clear answer later;
         with a ledger, losses recorded anywhere else are looked up there."""
         self._used_bytes = 0
+        self.idle_s = idle_s
+        """Seconds unused after which an entity is spilled to host memory (0: never)."""
+        self.spill_capacity_bytes = spill_capacity_bytes
+        self._spilled_bytes = 0
+        self._used_at: OrderedDict[str, float] = OrderedDict()
+        """Entities holding buffers, least recently used first, with when (monotonic)."""
+        self.counts = {"spills": 0, "restores": 0, "evictions": 0}
         self.exported: dict[int, str] = {}
         """Shards whose state was exported for a handoff (shard -> handoff id): once the
         shard has left, dropping their buffers loses nothing."""
@@ -119,6 +135,8 @@ class BufferStore:
         owned = self._entity(entity_id)
         buf = owned.get(name)
         if buf is not None:
+            if buf.host is not None:
+                self.restore(entity_id)
             return buf
         lost = self._lost.get((entity_id, name))
         if lost is None and self.ledger is not None:  # a miss: the rare path may ask Redis
@@ -154,14 +172,100 @@ class BufferStore:
             return sorted(self._shards)
 
     def totals(self) -> dict[str, int]:
-        """Counts for the heartbeat and ``stats``: entities, buffers, bytes held."""
+        """Counts for the heartbeat and ``stats``: entities, buffers, bytes on the device and
+        spilled, and how many spills, restores and evictions there were."""
         with self._lock:
             entities = [bufs for shard in self._shards.values() for bufs in shard.values()]
             return {
                 "entities": len(entities),
                 "buffers": sum(len(b) for b in entities),
                 "used_bytes": self._used_bytes,
+                "spilled_bytes": self._spilled_bytes,
+                **self.counts,
             }
+
+    def host_copy(self, buf: Buffer) -> np.ndarray[Any, Any]:
+        """The buffer's contents on the host, wherever it is (device or spilled)."""
+        return buf.host.copy() if buf.host is not None else self.backend.download(buf)
+
+    # -- passivation ---------------------------------------------------------
+
+    def touch(self, entity_id: str) -> None:
+        """The entity is in use now (a request of it is about to run)."""
+        if entity_id in self._used_at:
+            self._used_at[entity_id] = time.monotonic()
+            self._used_at.move_to_end(entity_id)
+
+    def restore(self, entity_id: str) -> None:
+        """Bring every spilled buffer of the entity back to the device."""
+        spilled = [b for b in self._entity(entity_id).values() if b.host is not None]
+        if not spilled:
+            return
+        self.make_room(sum(b.nbytes for b in spilled), keep=entity_id)
+        for buf in spilled:
+            host = buf.host
+            assert host is not None
+            buf.allocation = self.backend.alloc(buf.nbytes)
+            self.backend.upload(buf, host.reshape(-1), 0)
+            with self._lock:
+                buf.host = None
+                self._used_bytes += buf.nbytes
+                self._spilled_bytes -= buf.nbytes
+        self.counts["restores"] += 1
+        self.touch(entity_id)
+
+    def make_room(self, nbytes: int, keep: str | None = None) -> None:
+        """Spill (or evict) the least recently used entities but ``keep`` until ``nbytes``
+        fit on the device, or nothing more can go."""
+        free, _ = self.backend.mem_info()
+        for entity_id in list(self._used_at):
+            if free >= nbytes:
+                return
+            if entity_id != keep:
+                self._passivate(entity_id, "when memory was needed for another entity")
+                free, _ = self.backend.mem_info()
+
+    def passivate_idle(self, now: float | None = None) -> int:
+        """Spill every entity unused for ``idle_s``; returns how many."""
+        if not self.idle_s:
+            return 0
+        cutoff = (time.monotonic() if now is None else now) - self.idle_s
+        done = 0
+        for entity_id, used_at in list(self._used_at.items()):
+            if used_at > cutoff:
+                break
+            if self._passivate(entity_id, f"after {self.idle_s:g}s idle"):
+                done += 1
+        return done
+
+    def _passivate(self, entity_id: str, why: str) -> bool:
+        """Spill the entity's device buffers to the host, or evict them if the spill space
+        cannot take them; False if it had nothing on the device."""
+        on_device = [b for b in self._entity(entity_id).values() if b.host is None]
+        if not on_device:
+            return False
+        size = sum(b.nbytes for b in on_device)
+        if self._spilled_bytes + size > self.spill_capacity_bytes:
+            index = self.shard_of(entity_id)
+            evicted = {(index, entity_id, b.name): Loss(
+                self.generation, f"evicted {why}: the host spill space "
+                f"({self.spill_capacity_bytes} bytes) was full", time.time(),
+                self.ledger.gpu if self.ledger is not None else "")
+                for b in self._entity(entity_id).values()}
+            for buf in list(self._entity(entity_id).values()):
+                self._forget(index, buf)
+            self._record_losses(evicted)
+            self.counts["evictions"] += 1
+            return True
+        for buf in on_device:
+            host = self.backend.download(buf)
+            self.backend.release(buf.allocation)
+            with self._lock:
+                buf.host, buf.allocation = host, None
+                self._used_bytes -= buf.nbytes
+                self._spilled_bytes += buf.nbytes
+        self.counts["spills"] += 1
+        return True
 
     # -- changing ------------------------------------------------------------
 
@@ -190,6 +294,7 @@ class BufferStore:
             )
         if existing is not None:
             self.free(entity_id, name)
+        self.make_room(nbytes, keep=entity_id)
         allocation = self.backend.alloc(nbytes)
         buf = Buffer(entity_id, name, np_dtype, dims, self.generation, allocation)
         index = self.shard_of(entity_id)
@@ -198,6 +303,8 @@ class BufferStore:
             shard.setdefault(entity_id, {})[name] = buf
             self._used_bytes += nbytes
             self._lost.pop((entity_id, name), None)
+            self._used_at[entity_id] = time.monotonic()
+            self._used_at.move_to_end(entity_id)
         if self.ledger is not None:
             self.ledger.allocated(entity_id, name, self.generation, index, nbytes)
         return buf
@@ -210,16 +317,7 @@ class BufferStore:
             victims = [self.get(entity_id, name)]
         index = self.shard_of(entity_id)
         for buf in victims:
-            self.backend.release(buf.allocation)
-            with self._lock:
-                shard = self._shards[index]
-                owned = shard[entity_id]
-                del owned[buf.name]
-                if not owned:
-                    del shard[entity_id]
-                    if not shard:
-                        del self._shards[index]
-                self._used_bytes -= buf.nbytes
+            self._forget(index, buf)
         if name is None:
             with self._lock:
                 for key in [k for k in self._lost if k[0] == entity_id]:
@@ -228,6 +326,31 @@ class BufferStore:
             self.ledger.freed(entity_id, [b.name for b in victims], index,
                               forget_losses=name is None)
         return victims
+
+    def _forget(self, index: int, buf: Buffer) -> None:
+        """Free ``buf`` wherever it is (device or spilled) and drop it from the store."""
+        if buf.host is None:
+            self.backend.release(buf.allocation)
+        with self._lock:
+            shard = self._shards[index]
+            owned = shard[buf.entity_id]
+            del owned[buf.name]
+            if not owned:
+                del shard[buf.entity_id]
+                self._used_at.pop(buf.entity_id, None)
+                if not shard:
+                    del self._shards[index]
+            if buf.host is None:
+                self._used_bytes -= buf.nbytes
+            else:
+                self._spilled_bytes -= buf.nbytes
+                buf.host = None
+
+    def _record_losses(self, losses: dict[tuple[int, str, str], Loss]) -> None:
+        with self._lock:
+            self._lost.update({(e, n): loss for (_, e, n), loss in losses.items()})
+        if self.ledger is not None:
+            self.ledger.lost(losses)
 
     def shard_buffers(self, index: int) -> list[Buffer]:
         """Every buffer of shard ``index``, entity by entity."""
@@ -244,24 +367,17 @@ class BufferStore:
         dropped = 0
         for index in indices:
             moved = self.exported.pop(index, None) is not None or not lose
-            with self._lock:
-                shard = self._shards.pop(index, {})
-            for entity_id, bufs in shard.items():
-                for name, buf in bufs.items():
-                    self.backend.release(buf.allocation)
-                    dropped += 1
-                    if moved:
-                        handed_off.setdefault(entity_id, []).append(name)
-                    else:
-                        losses[(index, entity_id, name)] = Loss(
-                            self.generation, why, time.time(),
-                            self.ledger.gpu if self.ledger is not None else "")
-                    with self._lock:
-                        self._used_bytes -= buf.nbytes
-        with self._lock:
-            self._lost.update({(e, n): loss for (_, e, n), loss in losses.items()})
+            for buf in self.shard_buffers(index):
+                self._forget(index, buf)
+                dropped += 1
+                if moved:
+                    handed_off.setdefault(buf.entity_id, []).append(buf.name)
+                else:
+                    losses[(index, buf.entity_id, buf.name)] = Loss(
+                        self.generation, why, time.time(),
+                        self.ledger.gpu if self.ledger is not None else "")
+        self._record_losses(losses)
         if self.ledger is not None:
-            self.ledger.lost(losses)
             for entity_id, names in handed_off.items():
                 self.ledger.freed(entity_id, names)
         return dropped

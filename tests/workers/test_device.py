@@ -6,6 +6,7 @@ tests against the ``pycuda`` backend on a GPU host by overriding the ``backend``
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -92,7 +93,8 @@ def test_memory_is_accounted_per_entity(backend: Backend) -> None:
         store.alloc("a", "y", [1], "uint8")
     assert raised.value.requested_bytes == 1
     store.alloc("b", "x", [quota // 8], "float64")  # another entity has its own quota
-    assert store.totals() == {"entities": 2, "buffers": 2, "used_bytes": 2 * quota}
+    assert store.totals() == {"entities": 2, "buffers": 2, "used_bytes": 2 * quota,
+                              "spilled_bytes": 0, "spills": 0, "restores": 0, "evictions": 0}
     store.alloc("a", "x", [quota // 4], "float32")  # replacing a buffer reuses its room
     store.free("a")
     store.alloc("a", "y", [quota], "uint8")
@@ -187,3 +189,70 @@ def test_the_next_process_knows_what_the_last_one_held_and_why_it_ended(
     fourth = BufferStore(backend, generation=4, ledger=ledger)
     with pytest.raises(NoSuchBuffer):
         fourth.get("e", "x")
+
+
+# -- passivation ---------------------------------------------------------------------------
+
+MiB = 1 << 20
+
+
+def random_buffer(store: BufferStore, entity: str, name: str, nbytes: int,
+                  seed: int) -> np.ndarray[Any, Any]:
+    data = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
+    buf = store.alloc(entity, name, [nbytes], "uint8")
+    store.backend.upload(buf, data, 0)
+    return data
+
+
+def test_an_idle_entity_is_spilled_and_restored_bit_for_bit(backend: Backend) -> None:
+    store = BufferStore(backend, generation=1, idle_s=60, spill_capacity_bytes=8 * MiB)
+    data = random_buffer(store, "idle", "x", MiB, seed=1)
+    busy = random_buffer(store, "busy", "x", MiB, seed=2)
+    # When an hour passes with only "busy" in use
+    later = time.monotonic() + 3600
+    store._used_at["busy"] = later  # used just now, an hour later
+    assert store.passivate_idle(now=later) == 1
+    # Then "idle" left the device for host memory, "busy" did not
+    totals = store.totals()
+    assert (totals["used_bytes"], totals["spilled_bytes"], totals["spills"]) == (MiB, MiB, 1)
+    assert backend.mem_info()[0] == CAPACITY - MiB
+    # And its next use brings it back, bit for bit
+    assert np.array_equal(get(store, "x", "idle"), data)
+    assert np.array_equal(get(store, "x", "busy"), busy)
+    totals = store.totals()
+    assert (totals["used_bytes"], totals["spilled_bytes"], totals["restores"]) == (
+        2 * MiB, 0, 1)
+
+
+def test_memory_pressure_spills_the_least_recently_used_first(backend: Backend) -> None:
+    # Given a GPU of 8 MiB holding three entities of 2 MiB, "a" the least recently used
+    store = BufferStore(backend, generation=1, spill_capacity_bytes=16 * MiB)
+    kept = {e: random_buffer(store, e, "x", 2 * MiB, seed=i) for i, e in enumerate("abc")}
+    store.touch("b")
+    store.touch("c")
+    # When "d" needs 4 MiB: only what must go goes, least recently used first
+    store.alloc("d", "x", [4 * MiB], "uint8")
+    assert store.totals()["spills"] == 1
+    assert [b.host is not None for b in (store._entity("a")["x"], store._entity("b")["x"],
+                                         store._entity("c")["x"])] == [True, False, False]
+    # And OutOfMemory means the working set itself does not fit
+    with pytest.raises(OutOfMemory):
+        store.alloc("e", "x", [CAPACITY + 1], "uint8")
+    for e, data in kept.items():
+        assert np.array_equal(get(store, "x", e), data)
+
+
+def test_what_the_spill_space_cannot_take_is_evicted_and_reported(backend: Backend) -> None:
+    store = BufferStore(backend, generation=1, spill_capacity_bytes=3 * MiB)
+    random_buffer(store, "a", "x", 3 * MiB, seed=1)
+    random_buffer(store, "b", "x", 3 * MiB, seed=2)
+    store.touch("b")
+    store.alloc("c", "x", [4 * MiB], "uint8")  # spills a (3 MiB: the cap is full)
+    store.touch("c")
+    store.alloc("d", "x", [3 * MiB], "uint8")  # b cannot be spilled: evicted
+    totals = store.totals()
+    assert (totals["spills"], totals["evictions"]) == (1, 1)
+    with pytest.raises(EntityStateLost, match=r"evicted .* spill space .* was full") as lost:
+        store.get("b", "x")
+    assert (lost.value.entity_id, lost.value.buffer) == ("b", "x")
+    store.get("a", "x")  # spilled, not evicted: it comes back
