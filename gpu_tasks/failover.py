@@ -91,7 +91,7 @@ def fail_over(client: redis.Redis, gpu: str) -> Failover:
         deficit[target] -= 1
         current[target] += 1
         entry = shard_map.shards[index]
-        store.transition(index, entry, Shard(target, "owned"))
+        store.transition(index, entry, Shard(target, "owned", version=entry.version + 1))
         report.moved[shard_name(index)] = target
     report.seconds = time.monotonic() - started
     log.warning("%s failed over: %d shards moved, %d requests put back first, %d buffers "

@@ -146,7 +146,8 @@ class Handoff:
         if self.target in self._store.drained():
             raise HandoffError(f"cannot move {shard_name(self.index)} to {self.target}: it is "
                                "drained (gpu-tasks undrain first)")
-        releasing = Shard(entry.owner, "releasing", self.target, uuid.uuid4().hex[:16])
+        releasing = Shard(entry.owner, "releasing", self.target, uuid.uuid4().hex[:16],
+                          entry.version)
         self._transition(entry, releasing, "releasing")
         return self
 
@@ -221,7 +222,7 @@ class Handoff:
                 return self._roll_back(f"{target} could not import it: "
                                        f"{type(value).__name__}: {value}")
             self._paused("imported")
-            self._transition(entry, Shard(target, "owned"), "owned")
+            self._transition(entry, Shard(target, "owned", version=entry.version + 1), "owned")
             self._release_source(source, entry.handoff or "")
             self._finish(source, target, entry.handoff or "", "moved", "")
             return True
@@ -263,8 +264,10 @@ class Handoff:
     def _send(self, task: str, gpu: str) -> None:
         entry = self._entry
         assert entry is not None
-        result = self.app.send_task(task, kwargs={"shard": self.index,
-                                                  "handoff": entry.handoff}, queue=gpu)
+        kwargs: dict[str, Any] = {"shard": self.index, "handoff": entry.handoff}
+        if task == "gpu_tasks.import_shard":
+            kwargs["version"] = entry.version + 1  # what the state is once the move commits
+        result = self.app.send_task(task, kwargs=kwargs, queue=gpu)
         self._task = _Task(result.id, gpu, task, time.monotonic() + self.task_timeout_s)
 
     def _result(self) -> tuple[bool, Any]:
@@ -290,7 +293,8 @@ class Handoff:
         assert entry is not None and entry.owner is not None
         try:
             # A target that holds part of an import drops it once it follows the map.
-            self._transition(entry, Shard(entry.owner, "owned"), "rolled back")
+            self._transition(entry, Shard(entry.owner, "owned", version=entry.version),
+                             "rolled back")
         except ShardMapError as exc:
             self._fail(f"{why}; rolling back failed too: {exc}")
             return True

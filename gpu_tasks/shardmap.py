@@ -11,7 +11,8 @@ Layout in Redis (one deployment per Redis database):
   and ``epoch`` (one more on every change)
 - ``gpu-tasks:shardmap``       hash ``shard-<i>`` -> JSON ``{"owner": "gpu.<node>.<j>",
   "state": "owned"}``; a shard being handed off also has ``"target"`` (the GPU it goes
-  to) and ``"handoff"`` (the handoff's id)
+  to) and ``"handoff"`` (the handoff's id); ``"version"`` counts how often the shard's
+  state has moved or been lost, so a GPU can tell a stale copy it still holds
 - ``gpu-tasks:shardmap:drained`` set of GPUs that take no shards (``gpu-tasks drain``)
 
 Every change goes through a Lua script, so the map and its epoch change together; a
@@ -105,6 +106,9 @@ class Shard:
     state: str = "owned"
     target: str | None = None
     handoff: str | None = None
+    version: int = 0
+    """One more each time the shard's state moves to another GPU or dies with one: a GPU
+    holding a copy of an older version holds a stale one."""
 
     @property
     def consumer(self) -> str | None:
@@ -127,6 +131,8 @@ class Shard:
             entry["target"] = self.target
         if self.handoff is not None:
             entry["handoff"] = self.handoff
+        if self.version:
+            entry["version"] = self.version
         return entry
 
     def to_json(self) -> str:
@@ -136,7 +142,8 @@ class Shard:
     def from_json(cls, raw: bytes | str, name: str) -> Shard:
         try:
             data = json.loads(raw)
-            shard = cls(data["owner"], data["state"], data.get("target"), data.get("handoff"))
+            shard = cls(data["owner"], data["state"], data.get("target"), data.get("handoff"),
+                        int(data.get("version", 0)))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise ShardMapError(f"shard map is malformed: {name} is {raw!r} ({exc})") from None
         if shard.state not in STATES:

@@ -78,9 +78,10 @@ def export_shard(gpu: Any, shard: int, handoff: str) -> dict[str, Any]:
 
 
 @gpu_queue_task(name="gpu_tasks.import_shard")
-def import_shard(gpu: Any, shard: int, handoff: str) -> dict[str, Any]:
+def import_shard(gpu: Any, shard: int, handoff: str, version: int = 0) -> dict[str, Any]:
     """Load ``shard``'s state exported for ``handoff`` onto this GPU, checking every checksum;
-    all or nothing (``OutOfMemory`` if it does not fit)."""
+    all or nothing (``OutOfMemory`` if it does not fit). ``version``: the shard's version
+    once the handoff commits."""
 
 
 @gpu_queue_task(name="gpu_tasks.release_shard")

@@ -125,3 +125,12 @@ def entity_owned_by(client: redis.Redis, gpu: str, prefix: str, *,
         if shard_map.shards[index].owner == gpu and index not in not_in:
             return entity
     raise AssertionError(f"no entity of {gpu} found")
+
+
+def kill_worker(cluster: LocalCluster, gpu: int) -> None:
+    """SIGKILL GPU ``gpu``'s whole worker (main process and pool child)."""
+    import signal
+
+    victim = cluster.workers[gpu]
+    victim.signal_group(signal.SIGKILL)
+    victim.popen.wait(10)

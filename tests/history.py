@@ -5,7 +5,9 @@ counter buffer, writes its own number there and records ``<entity>:<seq>:<previo
 a Redis list each time it runs. From that record, :func:`check` finds every way the
 history can go wrong: a step that never ran (lost), ran twice (duplicated), ran before
 an earlier one (out of order), or found the counter not as the step before left it (the
-entity's device state was lost, stale, or not moved with its shard).
+entity's device state was lost, stale, or not moved with its shard) without saying so.
+State that was lost *and reported* (``EntityStateLost``: the step records -1) is counted
+apart: a GPU that died takes its state with it, but never silently.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class Verdict:
     duplicated: list[str] = field(default_factory=list)
     out_of_order: list[str] = field(default_factory=list)
     wrong_state: list[str] = field(default_factory=list)
+    reported_losses: list[str] = field(default_factory=list)
     executions: int = 0
 
     @property
@@ -32,7 +35,8 @@ class Verdict:
         parts = [f"{len(v)} {k}: {v[:5]}" for k, v in (
             ("lost", self.lost), ("duplicated", self.duplicated),
             ("out of order", self.out_of_order), ("wrong state", self.wrong_state)) if v]
-        return "; ".join(parts) or f"ok ({self.executions} executions)"
+        losses = f", {len(self.reported_losses)} losses reported" if self.reported_losses else ""
+        return "; ".join(parts) or f"ok ({self.executions} executions{losses})"
 
 
 def check(records: Iterable[bytes | str], steps: dict[str, int]) -> Verdict:
@@ -53,7 +57,9 @@ def check(records: Iterable[bytes | str], steps: dict[str, int]) -> Verdict:
         verdict.out_of_order += [f"{entity}:{a}>{b}" for a, b in pairwise(numbers) if b < a]
         expected = 0
         for seq, previous in ran:
-            if seq > 0 and previous != expected:
+            if previous == -1:
+                verdict.reported_losses.append(f"{entity}:{seq}")
+            elif seq > 0 and previous != expected:
                 verdict.wrong_state.append(f"{entity}:{seq} found {previous}, not {expected}")
             expected = seq
     return verdict

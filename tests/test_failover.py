@@ -16,7 +16,6 @@ import pytest
 import redis
 
 from gpu_tasks.app import app
-from gpu_tasks.cluster import LocalCluster
 from gpu_tasks.coordinator import Coordinator
 from gpu_tasks.errors import EntityStateLost
 from gpu_tasks.lease import LeaseStore
@@ -25,18 +24,20 @@ from gpu_tasks.settings import Settings
 from gpu_tasks.shardmap import Shard, ShardMapStore
 from gpu_tasks.tasks import alloc, read, write
 from tests import usertasks
-from tests.conftest import NODE, REPO, entity_owned_by, gpu_tasks_cli, own_cluster, wait_until
+from tests.conftest import (
+    NODE,
+    REPO,
+    entity_owned_by,
+    gpu_tasks_cli,
+    kill_worker,
+    own_cluster,
+    wait_until,
+)
 from tests.test_handoff import start_paused
 
 TIMEOUT = 60
 S = 16
 GPU0, GPU1 = f"gpu.{NODE}.0", f"gpu.{NODE}.1"
-
-
-def kill_worker(cluster: LocalCluster, gpu: int) -> None:
-    victim = cluster.workers[gpu]
-    victim.signal_group(signal.SIGKILL)
-    victim.popen.wait(10)
 
 
 def test_a_killed_gpus_shards_go_to_a_live_one_with_its_unfinished_work_first(
@@ -149,6 +150,6 @@ def test_the_coordinator_finishes_a_handoff_whose_driver_died(
         tick = json.loads(gpu_tasks_cli("coordinator", "--once",
                                         env=cluster.settings.child_env()).stdout)
         assert tick["acting"] and [h["status"] for h in tick["handoffs"]] == ["moved"]
-        assert ShardMapStore(client).load().shards[index] == Shard(GPU1, "owned")
+        assert ShardMapStore(client).load().shards[index] == Shard(GPU1, "owned", version=1)
         assert read.apply_async(kwargs={"entity_id": entity, "name": "x"}).get(
             TIMEOUT)["gpu"] == GPU1

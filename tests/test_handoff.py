@@ -13,6 +13,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from gpu_tasks.settings import Settings
 from gpu_tasks.shardmap import Shard, ShardMap, ShardMapStore
 from gpu_tasks.tasks import alloc, read, stats, write
 from tests import usertasks
-from tests.conftest import NODE, REPO, gpu_tasks_cli, own_cluster, wait_until
+from tests.conftest import NODE, REPO, gpu_tasks_cli, kill_worker, own_cluster, wait_until
 from tests.history import check
 
 TIMEOUT = 60
@@ -125,7 +126,9 @@ def cli(cluster: LocalCluster, *args: str, **env: str) -> subprocess.CompletedPr
 
 
 def owner_of(client: redis.Redis, entity: str) -> Shard:
-    return ShardMapStore(client).load().shards[shard_index(entity, S)]
+    """The entity's shard's entry, its version left out (it counts moves)."""
+    shard_map = ShardMapStore(client).load()
+    return replace(shard_map.shards[shard_index(entity, shard_map.shard_count)], version=0)
 
 
 @pytest.fixture()
@@ -311,3 +314,78 @@ def test_a_target_killed_during_the_import_leaves_the_shard_with_its_source(
     # And the source kept the entity's state: the second step found the first's counter
     verdict = producer.verdict(client)
     assert verdict.ok and verdict.executions == 2, str(verdict)
+
+
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("victim", ["source", "target"])
+def test_a_gpu_killed_at_any_step_of_a_handoff_loses_nothing_silently(
+        two_gpus: LocalCluster, victim: str, step: str) -> None:
+    cluster = two_gpus
+    client = cluster.settings.redis_client()
+    entity = f"{victim}-dies-{step}"
+    index = shard_index(entity, S)
+    producer = Producer([entity])
+    producer.round()
+    producer.round()
+    source = owner_of(client, entity).owner
+    target = GPU[1] if source == GPU[0] else GPU[0]
+    dead = source if victim == "source" else target
+    # When the GPU dies while the handoff is paused after the step, and the driver too
+    driver = start_paused(cluster, step, index, target)
+    kill_worker(cluster, GPU.index(dead))
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    producer.round()
+    # And the operator runs the move again, then fails the dead GPU over
+    gpu_tasks_cli("shards", "move", str(index), target, env=cluster.settings.child_env())
+    failed_over = gpu_tasks_cli("shards", "failover", dead, env=cluster.settings.child_env())
+    assert failed_over.returncode == 0, failed_over.stdout + failed_over.stderr
+    producer.round()
+    # Then the shard is on the GPU that lives, every request ran once and in order, and
+    # state was lost only where it died with its GPU: and then it was said so
+    survivor = target if dead == source else source
+    assert owner_of(client, entity) == Shard(survivor, "owned")
+    verdict = producer.verdict(client)
+    assert verdict.ok and verdict.executions == 4, str(verdict)
+    state_died = (victim == "source" and step in ("releasing", "exported")) or (
+        victim == "target" and step == "owned")
+    assert bool(verdict.reported_losses) == state_died, str(verdict)
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_coordinator_killed_at_any_step_of_its_handoff_is_replaced_by_another(
+        settings: Settings, spare_url: str, tmp_path: Path, step: str) -> None:
+    # Given both shards of S=2 on GPU 0 and an empty GPU 1: a rebalance moves one, the one
+    # holding less state, which is the streamed entity's
+    client = redis.Redis.from_url(spare_url)
+    ShardMapStore(client).create(ShardMap.balanced([GPU[0]], 2))
+    small = next(f"light-{i}" for i in range(100) if shard_index(f"light-{i}", 2) == 0)
+    heavy = next(f"heavy-{i}" for i in range(100) if shard_index(f"heavy-{i}", 2) == 1)
+    with own_cluster(settings, spare_url, tmp_path, gpus=2, shard_count=2) as cluster:
+        alloc.apply_async(kwargs={"entity_id": heavy, "name": "h", "shape": [4096]}).get(
+            TIMEOUT)
+        producer = Producer([small])
+        producer.round()
+        env = {**cluster.settings.child_env(), "GPU_TASKS_HANDOFF_PAUSE": f"{step}:60"}
+        boss = subprocess.Popen(
+            [sys.executable, "-m", "gpu_tasks.cli", "coordinator", "--auto-rebalance",
+             "--interval", "0.2"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+        assert boss.stdout is not None
+        for line in boss.stdout:
+            if f"after step {step}" in line:
+                break
+        # When the coordinator is SIGKILLed there, with requests sent meanwhile
+        boss.send_signal(signal.SIGKILL)
+        boss.wait()
+        producer.round()
+        # Then another coordinator takes the lease over once it expires, and finishes it
+        wait_until(lambda: not client.exists("gpu-tasks:coordinator"),
+                   timeout=cluster.settings.lease_ttl_s * 6)
+        tick = json.loads(cli(cluster, "coordinator", "--once").stdout)
+        assert tick["acting"], tick
+        assert owner_of(client, small) == Shard(GPU[1], "owned"), tick
+        producer.round()
+        verdict = producer.verdict(client)
+        assert verdict.ok and verdict.executions == 3 and not verdict.reported_losses, (
+            str(verdict))

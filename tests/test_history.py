@@ -23,3 +23,9 @@ def test_each_fault_is_named() -> None:
     state_lost = check(["a:0:0", "a:1:0", "a:2:0"], {"a": 3})  # a:2 found 0, not 1
     assert state_lost.wrong_state == ["a:2 found 0, not 1"]
     assert "1 wrong state" in str(state_lost)
+
+
+def test_a_loss_that_was_reported_is_not_silent_wrong_state() -> None:
+    reported = check(["a:0:0", "a:1:0", "a:2:-1", "a:3:2"], {"a": 4})
+    assert reported.ok and reported.reported_losses == ["a:2"]
+    assert str(reported) == "ok (4 executions, 1 losses reported)"

@@ -60,10 +60,17 @@ def record(gpu: Any, log: str, seq: int = 0, seconds: float = 0.0) -> dict[str, 
 @gpu_task(name="tests.step")
 def step(gpu: Any, log: str, seq: int) -> dict[str, Any]:
     """Step ``seq`` of the entity's history (tests/history.py): read its counter, write
-    ``seq`` there, record ``<entity>:<seq>:<previous>``."""
+    ``seq`` there, record ``<entity>:<seq>:<previous>``. A counter reported lost
+    (``EntityStateLost``) is allocated again and recorded as previous -1."""
+    from gpu_tasks.errors import EntityStateLost
+
     if seq == 0:
         gpu.alloc("counter", [1], "int64")
-    previous = int(gpu.read("counter")[0])
+    try:
+        previous = int(gpu.read("counter")[0])
+    except EntityStateLost:
+        gpu.alloc("counter", [1], "int64")
+        previous = -1
     gpu.write("counter", [seq])
     executions_client().rpush(log, f"{gpu.entity_id}:{seq}:{previous}")
     return {"previous": previous}

@@ -126,6 +126,7 @@ class Consumption:
         if c.task_consumer is None:
             return  # between a lost connection and the consumer's restart
         shard_count, wanted, held, epoch = 0, [], [], -1
+        versions: dict[int, int] = {}
         if map_epoch >= 0:
             try:
                 shard_map = self.maps.load()
@@ -136,6 +137,7 @@ class Consumption:
             shard_count, epoch = shard_map.shard_count, shard_map.epoch
             wanted = shard_map.consumed_by(self.gpu)
             held = shard_map.held_by(self.gpu)
+            versions = {i: shard_map.shards[i].version for i in held}
         queues = {shard_name(i): i for i in wanted}
         current = {q.name for q in c.task_consumer.queues}
         dropped = sorted(q for q in current if q != self.gpu and q not in queues)
@@ -144,7 +146,7 @@ class Consumption:
         # queues: a message still in flight from one of them goes back where it came from.
         self.view.consumed = queues
         self.view.shard_count = shard_count
-        self.table.publish(epoch, wanted, held)
+        self.table.publish(epoch, wanted, held, versions)
         self._cancel(c, dropped)
         self._consume(c, [self.gpu] if self.gpu not in current else [])
         self._consume(c, added)

@@ -106,8 +106,8 @@ def export_shard(gpu: GpuContext, shard: Any, handoff: Any) -> dict[str, Any]:
                                    shard, handoff)
 
 
-def import_shard(gpu: GpuContext, shard: Any, handoff: Any) -> dict[str, Any]:
-    return shardstate.import_shard(gpu.store, gpu.runtime.client, shard, handoff)
+def import_shard(gpu: GpuContext, shard: Any, handoff: Any, version: Any = 0) -> dict[str, Any]:
+    return shardstate.import_shard(gpu.store, gpu.runtime.client, shard, handoff, version)
 
 
 def release_shard(gpu: GpuContext, shard: Any, handoff: Any) -> dict[str, Any]:

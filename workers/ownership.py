@@ -11,7 +11,8 @@ Layout: the shard map epoch the main process consumes by (int64), the monotonic
 time until which the lease is known to be held (float64; CLOCK_MONOTONIC is
 system-wide, so both processes read the same clock), then one byte per shard: 2, this
 GPU consumes the shard's queue (and holds its state); 1, it only holds its state (a
-shard being handed off); 0, neither.
+shard being handed off); 0, neither; then the shard map's version of each shard it holds
+(uint32), against which the child tells a stale copy of a shard's state.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import mmap
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -35,16 +36,22 @@ class OwnershipTable:
 
     def __init__(self, max_shards: int = MAX_SHARDS) -> None:
         self.max_shards = max_shards
-        self._mem = mmap.mmap(-1, _HEADER.size + max_shards)  # MAP_SHARED | MAP_ANONYMOUS
+        # MAP_SHARED | MAP_ANONYMOUS: the pool child, forked later, sees every write
+        self._mem = mmap.mmap(-1, _HEADER.size + max_shards + 4 * max_shards)
         self._flags_at = _HEADER.size
+        self._versions = np.frombuffer(self._mem, np.uint32, max_shards,
+                                       _HEADER.size + max_shards)
         _HEADER.pack_into(self._mem, 0, -1, 0.0)
 
     # -- the main process writes ---------------------------------------------------
 
-    def publish(self, epoch: int, consumed: Iterable[int], held: Iterable[int] = ()) -> None:
+    def publish(self, epoch: int, consumed: Iterable[int], held: Iterable[int] = (),
+                versions: Mapping[int, int] | None = None) -> None:
         """Make ``consumed`` the shards this GPU serves at ``epoch``, and ``held`` those whose
-        state it keeps without serving them. Flags first, epoch last: a child that sees the
-        new epoch also sees the new flags."""
+        state it keeps without serving them, at the given shard ``versions``. Flags first,
+        epoch last: a child that sees the new epoch also sees the new flags."""
+        for index, version in (versions or {}).items():
+            self._versions[index] = version
         flags = bytearray(self.max_shards)
         for flag, indices in ((HOLD, held), (CONSUME, consumed)):
             for index in indices:
@@ -83,6 +90,10 @@ class OwnershipTable:
     def served(self) -> list[int]:
         flags = np.frombuffer(self._mem, np.uint8, self.max_shards, self._flags_at)
         return [int(i) for i in np.flatnonzero(flags == CONSUME)]
+
+    def version(self, index: int) -> int:
+        """The shard map's version of shard ``index``, as of the last publish that held it."""
+        return int(self._versions[index])
 
     def held(self) -> list[int]:
         """Shards whose state this GPU keeps: those it serves and those being handed off."""

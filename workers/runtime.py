@@ -168,6 +168,9 @@ class DeviceRuntime:
             idle_s=settings.entity_idle_s,
             spill_capacity_bytes=settings.spill_memory_bytes,
         )
+        table = ownership.table
+        if table is not None:
+            self.store.version_of = table.version
         self.started_at = time.time()
         self.ending: str | None = None
         """Why this child must end after the task at hand (a poisoned context), or None."""
@@ -288,6 +291,17 @@ class DeviceRuntime:
             return
         self._seen_epoch = table.epoch
         held = set(table.held())
+        stale = [i for i in self.store.shards() if table.serves(i)
+                 and self.store.versions.get(i, table.version(i)) != table.version(i)]
+        if stale:
+            # The shard moved on while this GPU kept a copy (its handoff committed, then its
+            # new owner died and failover gave it back): that copy is stale. The loss was
+            # recorded where the state died.
+            for index in stale:
+                self.store.exported.pop(index, None)
+            dropped = self.store.drop_shards(stale, "", lose=False)
+            log.warning("%s: dropped %d buffers of %d shards whose state moved on since",
+                        self.identity.queue, dropped, len(stale))
         for index in [i for i in self.store.exported if table.serves(i)]:
             del self.store.exported[index]  # the handoff was rolled back: it is ours again
         gone = [i for i in self.store.shards() if i not in held]

@@ -90,10 +90,13 @@ def export_shard(store: BufferStore, client: redis.Redis, gpu: str, shard: objec
 
 
 def import_shard(store: BufferStore, client: redis.Redis, shard: object,
-                 handoff: object) -> dict[str, Any]:
-    """Allocate and fill shard ``shard``'s buffers from handoff ``handoff``'s export."""
+                 handoff: object, version: object = 0) -> dict[str, Any]:
+    """Allocate and fill shard ``shard``'s buffers from handoff ``handoff``'s export; they are
+    the shard's state at ``version`` (its version once the handoff commits)."""
     index = _check_shard(shard, serving=False)
     handoff_id = _check_handoff(handoff)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise BadRequest(f"version must be a shard version, got {version!r}", "version")
     started = time.monotonic()
     raw_manifest = client.get(MANIFEST_KEY.format(handoff=handoff_id))
     if raw_manifest is None:
@@ -125,6 +128,7 @@ def import_shard(store: BufferStore, client: redis.Redis, shard: object,
             buf = store.alloc(entry["entity_id"], entry["name"], entry["shape"], entry["dtype"])
             host = np.frombuffer(data, dtype=buf.dtype.newbyteorder("<")).astype(buf.dtype)
             store.backend.upload(buf, host.reshape(-1), 0)
+        store.versions[index] = version
     except BaseException:
         # All or nothing: the shard stays where it was, so nothing of it may stay here.
         store.drop_shards([index], "", lose=False)

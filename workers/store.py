@@ -110,6 +110,11 @@ class BufferStore:
         self._used_at: OrderedDict[str, float] = OrderedDict()
         """Entities holding buffers, least recently used first, with when (monotonic)."""
         self.counts = {"spills": 0, "restores": 0, "evictions": 0}
+        self.version_of: Callable[[int], int] = lambda index: 0
+        """The shard map's version of a shard now (set by the runtime from the ownership
+        table): state allocated in a shard is of that version."""
+        self.versions: dict[int, int] = {}
+        """Per shard this GPU holds state for, the version of that state."""
         self.exported: dict[int, str] = {}
         """Shards whose state was exported for a handoff (shard -> handoff id): once the
         shard has left, dropping their buffers loses nothing."""
@@ -299,6 +304,8 @@ class BufferStore:
         buf = Buffer(entity_id, name, np_dtype, dims, self.generation, allocation)
         index = self.shard_of(entity_id)
         with self._lock:
+            if index not in self._shards:
+                self.versions[index] = self.version_of(index)
             shard = self._shards.setdefault(index, {})
             shard.setdefault(entity_id, {})[name] = buf
             self._used_bytes += nbytes
@@ -340,6 +347,7 @@ class BufferStore:
                 self._used_at.pop(buf.entity_id, None)
                 if not shard:
                     del self._shards[index]
+                    self.versions.pop(index, None)
             if buf.host is None:
                 self._used_bytes -= buf.nbytes
             else:
