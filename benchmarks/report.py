@@ -34,11 +34,12 @@ from benchmarks.common import (
     now_utc,
 )
 
-BENCHMARKS = ("router", "drain", "e2e")
+BENCHMARKS = ("router", "drain", "e2e", "fleet")
 QUICK_ARGS: dict[str, list[str]] = {
     "router": ["--calls", "20000", "--repeats", "5", "--messages", "300", "--pairs", "5"],
     "drain": ["--tasks", "300", "--rounds", "5", "--warmup", "50"],
     "e2e": ["--requests", "300", "--serial", "50", "--rounds", "5", "--warmup", "50"],
+    "fleet": ["--handoffs", "2", "--quiet-s", "1", "--failover-runs", "1"],
 }
 
 
@@ -122,7 +123,7 @@ def _summary(results: dict[str, dict[str, Any]]) -> list[str]:
     for name, result in results.items():
         for figure, t in result["targets"].items():
             measured = (_spread(t["ratio"]) if "ratio" in t
-                        else _spread(t["value"], ".0f", " ns"))
+                        else _spread(t["value"], t.get("fmt", ".0f"), t.get("unit", " ns")))
             lines.append(f"| {name} | {figure} | {measured} | {t['target']} | "
                          f"{_verdict(t['pass'])} |")
     lines.append("")
@@ -253,6 +254,49 @@ def _e2e(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _fleet(r: dict[str, Any]) -> list[str]:
+    h = r["handoff"]
+    lines = [
+        "## Fleet changes (`benchmarks/fleet.py`)",
+        "",
+        f"Rebalance plans for S = {r['shard_count']} when an (N+1)th GPU joins N:",
+        "",
+        "| N | moves | fraction of shards | limit 1.02/(N+1) | max-min shards per GPU after |"
+        " result |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n, row in r["rebalance"].items():
+        lines.append(f"| {n} | {row['moves']} | {row['fraction']:.4f} | {row['limit']:.4f} | "
+                     f"{row['max_minus_min_after']} | {_verdict(row['pass'])} |")
+    lines += [
+        "",
+        f"Live handoff of one shard holding {h['entities']} entities x "
+        f"{h['buffer_bytes'] >> 20} MiB between two sim GPU workers, {len(h['handoffs'])} "
+        "times back and forth, while a producer keeps probe writes to those entities in "
+        "flight:",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| handoff duration | {_spread(h['seconds'], '.2f', ' s')} |",
+        f"| the shard's requests, p50 / p99 round trip outside handoffs | "
+        f"{h['p50_ms_outside']} / {h['p99_ms_outside']} ms ({h['requests_outside']} requests) |",
+        f"| the shard's requests, p50 / p99 round trip sent during a handoff | "
+        f"{h['p50_ms_during']} / {h['p99_ms_during']} ms ({h['requests_during']} requests) |",
+        f"| extra p99 during a handoff | {h['extra_p99_ms']} ms (max {h['max_ms_during']} ms) |",
+        "",
+        "Failover: from the SIGKILL of a GPU's whole worker to a request for one of its "
+        "shards being served by the other GPU (a coordinator running):",
+        "",
+        "| setting | lease TTL | failover after | death to served again | runs |",
+        "|---|---|---|---|---|",
+    ]
+    for label, f in r["failover"].items():
+        lines.append(f"| {label} | {f['lease_ttl_s']:g} s | {f['failover_after_s']:g} s | "
+                     f"{_spread(f['seconds'], '.1f', ' s')} | {len(f['runs'])} |")
+    lines.append("")
+    return lines
+
+
 def markdown(results: dict[str, dict[str, Any]], commands: dict[str, str],
              failures: dict[str, int], date: str) -> str:
     lines = [
@@ -277,7 +321,7 @@ def markdown(results: dict[str, dict[str, Any]], commands: dict[str, str],
         lines += [f"- `{commands[n]}` exited with {rc}" for n, rc in failures.items()]
         lines.append("")
     lines += _summary(results)
-    sections = {"router": _router, "drain": _drain, "e2e": _e2e}
+    sections = {"router": _router, "drain": _drain, "e2e": _e2e, "fleet": _fleet}
     for name, result in results.items():
         lines += sections[name](result)
     return "\n".join(lines).rstrip() + "\n"

@@ -81,9 +81,9 @@ class Settings:
     """How long a GPU worker's lease on its GPU lasts unless renewed. A worker that stops
     renewing it (killed, frozen, cut off from Redis) stops executing and counts as gone
     after this; a restarted worker on another host waits at most this long to take over."""
-    map_poll_s: float = 0.5
+    map_poll_s: float = 0.25
     """How often a GPU worker's main process renews its lease and checks the shard map's
-    epoch: it starts and stops consuming shard queues within this plus one BRPOP (1 s)."""
+    epoch: it starts and stops consuming shard queues within this plus one BRPOP (0.25 s)."""
     heartbeat_s: float = 2.0
     """How often a worker writes its device accounting to the fleet registry."""
     redis_timeout_s: float = 5.0
