@@ -529,7 +529,7 @@ def submit(
 @click.pass_context
 @handle_errors
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Each GPU: lease, consuming or not, shards, queued requests, memory, entities."""
+    """Each GPU: lease, consuming or not, shards, queued requests, memory, entities, spills."""
     from gpu_tasks.status import snapshot
 
     fleet = snapshot(_settings(ctx).redis_client())
@@ -542,7 +542,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
     title = (f"{fleet.shard_count} shards, epoch {fleet.epoch}" if fleet.shard_count
              else "no shard map")
     table = Table("GPU", "worker", "lease", "consuming", "shards", "queued", "MiB used/total",
-                  "entities", "gen", "device", title=title, box=box.SIMPLE_HEAD)
+                  "entities", "MiB spilled", "spills/restores/evictions", "gen", "device",
+                  title=title, box=box.SIMPLE_HEAD)
     for g in fleet.gpus:
         d = g.device
         table.add_row(
@@ -554,6 +555,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
             f"[red]{g.queued}[/]" if g.problem else str(g.queued),
             f"{_mib(d['used_bytes'])}/{_mib(d['total_bytes'])}" if d else "-",
             str(d.get("entities", "-")),
+            _mib(d["spilled_bytes"]) if d else "-",
+            f"{d['spills']}/{d['restores']}/{d['evictions']}" if d else "-",
             str(d.get("generation", "-")),
             d.get("device_uuid", "-") or "-",
         )

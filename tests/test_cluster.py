@@ -197,6 +197,17 @@ def test_out_of_memory_is_an_answer_not_a_crash(cluster: LocalCluster) -> None:
     assert got[:3] == [1.5, 2.5, 0.0]
     spilled = stats.apply_async(queue=f"gpu.{NODE}.2").get(timeout=TIMEOUT)
     assert spilled["spills"] >= 2 and spilled["restores"] >= 1  # e1 out, e1 back (e2 out)
+    # And an operator sees the same counts in `gpu-tasks status` once a heartbeat carries them
+    env = {**os.environ, **cluster.settings.to_env()}
+
+    def status_row() -> str:
+        done = gpu_tasks_cli("status", env={**env, "COLUMNS": "250"})
+        assert done.returncode == 0, done.stderr
+        return next(line for line in done.stdout.splitlines() if f"gpu.{NODE}.2" in line)
+
+    counts = f"{spilled['spills']}/{spilled['restores']}/{spilled['evictions']}"
+    wait_until(lambda: counts in status_row().split(), timeout=10 * cluster.settings.heartbeat_s,
+               what=lambda: f"status row {status_row()!r} without {counts}")
     call(free, entity_id=e1)
     call(free, entity_id=e2)
 
