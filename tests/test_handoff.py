@@ -125,6 +125,11 @@ def cli(cluster: LocalCluster, *args: str, **env: str) -> subprocess.CompletedPr
     return gpu_tasks_cli(*args, env={**cluster.settings.child_env(), **env}, timeout=180)
 
 
+def other_gpu(gpu: str | None) -> str:
+    """The other of the two GPUs (the target of a move away from ``gpu``)."""
+    return GPU[1] if gpu == GPU[0] else GPU[0]
+
+
 def owner_of(client: redis.Redis, entity: str) -> Shard:
     """The entity's shard's entry, its version left out (it counts moves)."""
     shard_map = ShardMapStore(client).load()
@@ -148,7 +153,7 @@ def test_shards_move_rebalance_and_drain_while_a_producer_streams(
         # When single shards move, each with its state
         for entity in entities[:2]:
             shard = owner_of(client, entity)
-            target = GPU[1] if shard.owner == GPU[0] else GPU[0]
+            target = other_gpu(shard.owner)
             moved = cli(cluster, "shards", "move", f"shard-{shard_index(entity, S)}", target,
                         "--json")
             assert moved.returncode == 0, moved.stdout + moved.stderr
@@ -196,7 +201,7 @@ def test_every_dtype_arrives_bit_for_bit_and_the_source_lets_go(two_gpus: LocalC
         write.apply_async(kwargs={"entity_id": entity, "name": dtype, "data_b64":
                                   base64.b64encode(sent[dtype]).decode()}).get(TIMEOUT)
     source = owner_of(client, entity).owner
-    target = GPU[1] if source == GPU[0] else GPU[0]
+    target = other_gpu(source)
     held_before = stats.apply_async(queue=source).get(TIMEOUT)["buffers"]
     moved = cli(two_gpus, "shards", "move", str(shard_index(entity, S)), target, "--json")
     assert moved.returncode == 0, moved.stderr
@@ -218,7 +223,7 @@ def test_a_target_that_cannot_hold_the_state_leaves_the_shard_where_it_was(
         client = cluster.settings.redis_client()
         entity = "too-big"
         source = owner_of(client, entity).owner
-        target = GPU[1] if source == GPU[0] else GPU[0]
+        target = other_gpu(source)
         filler = next(f"filler-{i}" for i in range(1000)
                       if owner_of(client, f"filler-{i}").owner == target)
         alloc.apply_async(kwargs={"entity_id": filler, "name": "f", "shape": [6 << 20],
@@ -268,7 +273,7 @@ def test_a_handoff_whose_driver_is_killed_at_any_step_is_finished_by_a_rerun(
     producer.round()
     producer.round()
     source = owner_of(client, entity).owner
-    target = GPU[1] if source == GPU[0] else GPU[0]
+    target = other_gpu(source)
     # When the driver is SIGKILLed after the step, with requests sent meanwhile
     driver = start_paused(cluster, step, index, target)
     producer.round()
@@ -328,7 +333,7 @@ def test_a_gpu_killed_at_any_step_of_a_handoff_loses_nothing_silently(
     producer.round()
     producer.round()
     source = owner_of(client, entity).owner
-    target = GPU[1] if source == GPU[0] else GPU[0]
+    target = other_gpu(source)
     dead = source if victim == "source" else target
     # When the GPU dies while the handoff is paused after the step, and the driver too
     driver = start_paused(cluster, step, index, target)
