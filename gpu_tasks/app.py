@@ -16,20 +16,87 @@ from typing import Any
 
 import redis
 from celery import Celery, signals
+from celery.app.amqp import AMQP
 from kombu import pools as kombu_pools
+from kombu.exceptions import OperationalError
 
 from gpu_tasks import errors as _errors  # noqa: F401  (results rebuild these exceptions)
 from gpu_tasks import settings as _settings
-from gpu_tasks.errors import ShardMapError
+from gpu_tasks.broker import TRANSPORT
+from gpu_tasks.envelope import plain_kwargs
+from gpu_tasks.errors import BrokerUnavailable, ShardMapError
+from gpu_tasks.results import ResultBackend
 from gpu_tasks.routing import EntityRouter
-from gpu_tasks.settings import Settings
+from gpu_tasks.settings import Settings, redacted_url
 from gpu_tasks.shardmap import ShardMapStore
 
 # Where Celery would otherwise fall back to amqp://localhost. The router refuses
 # routed tasks with a clear ConfigError before anything is sent here.
 _UNCONFIGURED_URL = "redis://gpu-tasks-redis-url-not-set.invalid/0"
 
-app = Celery("gpu_tasks")
+
+class GpuAMQP(AMQP):  # type: ignore[misc]
+    """Celery's message building, with a cheaper ``kwargsrepr``: saferepr of the arguments
+    costs a call about 45 us where plain ``repr`` prints the same text (small arguments)."""
+
+    def as_task_v2(self, task_id: str, name: str, args: Any = None, kwargs: Any = None,
+                   *rest: Any, argsrepr: str | None = None, kwargsrepr: str | None = None,
+                   **options: Any) -> Any:
+        if argsrepr is None and not args:
+            argsrepr = "()"
+        if kwargsrepr is None and kwargs and plain_kwargs(kwargs):
+            kwargsrepr = repr(kwargs)
+        return super().as_task_v2(task_id, name, args, kwargs, *rest, argsrepr=argsrepr,
+                                  kwargsrepr=kwargsrepr, **options)
+
+
+class GpuCelery(Celery):  # type: ignore[misc]
+    """Celery, with the producer-side transport, message building and result backend of this
+    module, and one clear error when Redis cannot take a request."""
+
+    amqp_cls = f"{__name__}:GpuAMQP"
+
+    def _get_backend(self) -> Any:
+        url = self.conf.result_backend
+        if isinstance(url, str) and url.startswith(_REDIS_SCHEMES):
+            return ResultBackend(app=self, url=url)
+        return super()._get_backend()
+
+    def send_task(self, name: str, args: Any = None, kwargs: Any = None,
+                  **options: Any) -> Any:
+        # Declaring the shard queue's kombu binding on every publish costs a call about
+        # 60 us and nothing reads it: the message goes to the queue's list directly
+        # (exchange ""), and workers declare what they consume.
+        options.setdefault("declare", ())
+        try:
+            return super().send_task(name, args, kwargs, **options)
+        except BrokerUnavailable:
+            raise
+        except OperationalError as exc:
+            raise broker_unavailable(f"cannot send {name}", self.conf.broker_url, exc) from exc
+
+
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def broker_unavailable(what: str, url: str, exc: BaseException) -> BrokerUnavailable:
+    """The error a producer sees when Redis did not take or answer a call: what failed,
+    where (without the password), why, and whether anything may have been enqueued."""
+    cause: BaseException = exc
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+    hung = isinstance(cause, (TimeoutError, redis.TimeoutError)) or "timed out" in str(cause)
+    shown = redacted_url(url)
+    timeout = _settings.current().redis_timeout_s
+    if hung:
+        outcome = (f"Redis at {shown} did not answer within {timeout:g} s "
+                   "(GPU_TASKS_REDIS_TIMEOUT_S); if it resumes, what was sent may still run")
+    else:
+        outcome = f"Redis at {shown} is unavailable; nothing was enqueued"
+    return BrokerUnavailable(f"{what}: {outcome} ({type(cause).__name__}: {cause})", shown)
+
+
+app = GpuCelery("gpu_tasks")
 router: EntityRouter
 
 GPU_WORKER_FLAG = "gpu_tasks_gpu_worker"
@@ -42,14 +109,25 @@ def celery_config(settings: Settings, entity_router: EntityRouter) -> dict[str, 
     # The visibility timeout must be the same everywhere Celery reads it and longer
     # than any task, or Redis hands a running task to a second worker.
     transport: dict[str, Any] = {"visibility_timeout": int(settings.visibility_timeout_s)}
+    # A call gets at most two attempts (the second reconnects after a dropped connection,
+    # e.g. a restarted Redis), each with half the timeout: a web request handler waits at
+    # most redis_timeout_s for a down or hung Redis, never Celery's minutes.
+    attempt_s = settings.redis_timeout_s / 2
+    retry = {"max_retries": 1, "interval_start": 0, "interval_step": 0, "interval_max": 0}
     # One priority step: a shard's requests stay in one list, in order, and a worker
     # polls one key per shard queue instead of four.
-    broker_transport = {**transport, "priority_steps": [0]}
+    broker_transport = {**transport, "priority_steps": [0], "socket_timeout": attempt_s,
+                        "socket_connect_timeout": attempt_s}
     return {
         "broker_url": url,
         "result_backend": url,
+        "broker_transport": TRANSPORT if url.startswith(_REDIS_SCHEMES) else None,
         "broker_transport_options": broker_transport,
-        "result_backend_transport_options": transport,
+        "broker_connection_timeout": attempt_s,
+        "task_publish_retry_policy": retry,
+        "result_backend_transport_options": {**transport, "retry_policy": retry},
+        "redis_socket_timeout": attempt_s,
+        "redis_socket_connect_timeout": attempt_s,
         "broker_connection_retry_on_startup": True,
         "task_serializer": "json",
         "result_serializer": "json",
@@ -91,6 +169,9 @@ def shard_count_reader(settings: Settings) -> Callable[[], int]:
         client = settings.redis_client()
         try:
             return ShardMapStore(client).shard_count()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise broker_unavailable("cannot read the shard count", settings.redis_url or "",
+                                     exc) from exc
         except redis.RedisError as exc:
             raise ShardMapError(f"cannot read the shard count from Redis: {exc}") from exc
         finally:

@@ -7,6 +7,9 @@
      +-- LeaseHeld          another GPU worker serves this GPU (it holds the GPU's lease)
      +-- HandoffError       a shard could not be handed off (it stays, or is left to a re-run)
      +-- RedisServerError   the embedded redis-server could not be started
+     +-- BrokerUnavailable  Redis did not answer in time; nothing was enqueued (or, for a
+     |                      result, nothing was read): also a kombu OperationalError
+     +-- BatchError         a batch cannot run now (another run holds its lock)
      +-- DeviceError        raised by a GPU worker; travels back through Celery's result
           +-- BadRequest       a request field is wrong (the field is named)
           +-- OutOfMemory      the GPU (or the entity's quota) cannot hold the allocation
@@ -22,8 +25,12 @@ takes only JSON-safe positional arguments.
 
 from __future__ import annotations
 
+from kombu.exceptions import OperationalError
+
 __all__ = [
     "BadRequest",
+    "BatchError",
+    "BrokerUnavailable",
     "ConfigError",
     "ContextPoisoned",
     "DeviceError",
@@ -69,6 +76,25 @@ class HandoffError(GpuTasksError):
 
 class RedisServerError(GpuTasksError):
     """The embedded redis-server could not be found or started."""
+
+
+class BrokerUnavailable(GpuTasksError, OperationalError):
+    """Redis (broker or result backend) refused, dropped or did not answer the call within
+    the configured timeout (``GPU_TASKS_REDIS_TIMEOUT_S``). A submit to a Redis that refused
+    the connection enqueued nothing; one to a Redis that stopped answering may still be
+    carried out if that Redis resumes (the message says which). ``url`` is the Redis URL
+    without its password."""
+
+    def __init__(self, message: str, url: str = "") -> None:
+        super().__init__(message, url)
+
+    @property
+    def url(self) -> str:
+        return str(self.args[1]) if len(self.args) > 1 else ""
+
+
+class BatchError(GpuTasksError):
+    """A batch cannot be run now, e.g. another run of the same batch holds its lock."""
 
 
 class DeviceError(GpuTasksError):

@@ -87,8 +87,18 @@ class Settings:
     heartbeat_s: float = 2.0
     """How often a worker writes its device accounting to the fleet registry."""
     redis_timeout_s: float = 5.0
-    """Connect and socket timeout of gpu-tasks' own Redis clients (shard map, leases,
-    fleet registry): a hung Redis fails those calls instead of blocking them."""
+    """Longest a call to Redis may block: gpu-tasks' own clients (shard map, leases, fleet
+    registry) use it as their connect and socket timeout, and a producer's ``apply_async``
+    (broker publish, result reads) fails with ``BrokerUnavailable`` within it when Redis is
+    down or hung, instead of blocking a web request."""
+    max_backlog: int = 100_000
+    """``gpu-tasks batch`` slows down (or with ``--fail-fast`` stops) while a GPU it sends to
+    has more requests than this waiting in its shard queues."""
+    batch_record_ttl_s: float = 7 * 24 * 3600.0
+    """How long ``gpu-tasks batch`` remembers which lines of a batch it sent: re-running the
+    same batch within this sends nothing twice."""
+    max_message_bytes: int = 16 << 20
+    """Largest request ``gpu-tasks batch`` and ``gpu_tasks.bulk`` send (the encoded message)."""
     device_open_timeout_s: float = 120.0
     """How long a GPU worker waits for a new pool child to open its device (cuInit, the
     context, the checks) before killing and replacing it; Celery's 4 s default is too short
@@ -134,6 +144,9 @@ class Settings:
         for name in ("lease_ttl_s", "map_poll_s", "heartbeat_s", "redis_timeout_s",
                      "device_open_timeout_s", "failover_after_s", "task_time_limit_s",
                      "sim_memory_bytes"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
+        for name in ("max_backlog", "batch_record_ttl_s", "max_message_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
         for name in ("entity_idle_s", "spill_memory_bytes", "entity_memory_bytes"):
@@ -189,9 +202,29 @@ class Settings:
             )
         return self.redis_url
 
+    @property
+    def redis_url_shown(self) -> str:
+        """The Redis URL as output may show it: without its password."""
+        return redacted_url(self.redis_url) if self.redis_url else "(not set)"
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with the password (if any) replaced by ``***``, for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if not at:
+        return url
+    user, colon, _password = userinfo.partition(":")
+    shown = f"{user}:***" if colon else ("***" if user else "")
+    return f"{scheme}://{shown}@{host}{slash}{path}"
+
 
 # Sizes take units ("512MiB"), so their variables drop the _BYTES of the field name.
 _ENV_NAMES = {"sim_memory_bytes": "GPU_TASKS_SIM_MEMORY",
+              "max_message_bytes": "GPU_TASKS_MAX_MESSAGE",
               "entity_memory_bytes": "GPU_TASKS_ENTITY_MEMORY",
               "spill_memory_bytes": "GPU_TASKS_SPILL_MEMORY"}
 
@@ -201,11 +234,12 @@ def env_name(field_name: str) -> str:
     return _ENV_NAMES.get(field_name, ENV_PREFIX + field_name.upper())
 
 
-_INT_FIELDS = {"shard_count"}
-_SIZE_FIELDS = {"sim_memory_bytes", "entity_memory_bytes", "spill_memory_bytes"}
+_INT_FIELDS = {"shard_count", "max_backlog"}
+_SIZE_FIELDS = {"sim_memory_bytes", "entity_memory_bytes", "spill_memory_bytes",
+                "max_message_bytes"}
 _FLOAT_FIELDS = {"entity_idle_s", "lease_ttl_s", "map_poll_s", "heartbeat_s",
                  "redis_timeout_s", "device_open_timeout_s", "failover_after_s",
-                 "task_time_limit_s", "visibility_timeout_s"}
+                 "task_time_limit_s", "visibility_timeout_s", "batch_record_ttl_s"}
 
 
 def _convert(name: str, raw: str) -> Any:

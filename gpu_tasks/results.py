@@ -1,0 +1,38 @@
+"""The Redis result backend producers use: Celery's own, subscribing only when asked.
+
+Celery's Redis backend sends ``SUBSCRIBE celery-task-meta-<id>`` for every
+``apply_async`` (so that a later ``get()`` hears the result at once) and
+``UNSUBSCRIBE`` when the ``AsyncResult`` is garbage collected: two commands on the
+pub/sub connection per call, even for the many callers that never wait (a web
+backend that answers 202 with the task id, a cron batch). Here the subscription is
+made by ``get()`` itself, which then reads the stored result once before it waits
+(Celery's ``on_wait_for_pending``), so a result stored before the subscription is
+not missed. ``AsyncResult`` behaves exactly as before for every caller.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.backends.redis import RedisBackend
+from celery.backends.redis import ResultConsumer as CeleryResultConsumer
+
+
+class ResultConsumer(CeleryResultConsumer):  # type: ignore[misc]
+    """Unsubscribes only from what it subscribed to: a result nobody waited for costs
+    nothing when it is collected."""
+
+    def cancel_for(self, task_id: str) -> None:
+        key = self._get_key_for_task(task_id)
+        if key not in self.subscribed_to and key not in self._pending_unsubscribe:
+            return
+        super().cancel_for(task_id)
+
+
+class ResultBackend(RedisBackend):  # type: ignore[misc]
+    """Celery's Redis result backend, subscribing to a task's result only in ``get()``."""
+
+    ResultConsumer = ResultConsumer
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        """Nothing to do at submit: ``get()`` subscribes (``add_pending_result``)."""
