@@ -1,0 +1,256 @@
+"""Bulk publishing: many entity requests at Redis speed, as ``apply_async`` would send them.
+
+::
+
+    from gpu_tasks.bulk import submit_many
+
+    ids = submit_many({"entity_id": f"user-{i}", "task": "gpu_tasks.alloc",
+                       "kwargs": {"name": "emb", "shape": [256]}} for i in range(100_000))
+
+Each request is the shape of a ``gpu-tasks batch`` line: ``entity_id``, ``task`` (a task
+name; ``alloc`` means ``gpu_tasks.alloc``) and ``kwargs``. The messages are the
+protocol-2 JSON envelopes ``apply_async`` sends (:mod:`gpu_tasks.envelope`), so workers
+cannot tell them apart, and results are stored and read the same way
+(``app.AsyncResult(task_id)``). What ``apply_async`` pays per call and this does not:
+Celery's message assembly, kombu's producer and channel for each publish, and one
+Redis round trip per request. Requests are sent in chunks, each chunk one pipeline
+with one ``LPUSH`` per shard queue (in order, so each shard keeps its order).
+
+Every request of a chunk is checked (task known, arguments it accepts, entity id,
+size) before the chunk is sent; a bad one raises :class:`~gpu_tasks.errors.RoutingError`
+naming its position, after the chunks before it were sent (the error says how many).
+``gpu-tasks batch`` checks a whole file first and sends exactly once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from gpu_tasks.envelope import TaskTemplate, new_task_ids
+from gpu_tasks.errors import BrokerUnavailable, RoutingError
+from gpu_tasks.routing import (
+    ENTITY_KWARG,
+    ROUTED_TASK_NAMES,
+    shard_index,
+    shard_name,
+    validate_entity_id,
+)
+
+CHUNK_REQUESTS = 2000
+"""Requests per pipeline: large enough that a round trip is a few percent of a chunk,
+small enough that a chunk's memory and Redis's pause for it stay small."""
+ENVELOPE_BYTES = 1024
+"""Room an envelope takes beyond its base64 body (headers, properties, kwargsrepr)."""
+
+
+def task_name(text: str) -> str:
+    """A task as a user may write it: ``alloc`` is ``gpu_tasks.alloc``."""
+    return text if "." in text else f"gpu_tasks.{text}"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a request for one entity-routed task must look like, from its signature."""
+
+    template: TaskTemplate
+    accepted: frozenset[str] | None
+    """Keyword arguments it takes; None: any (it has ``**kwargs``)."""
+    required: frozenset[str]
+
+    @classmethod
+    def for_task(cls, app: Any, name: str) -> TaskSpec:
+        task = app.tasks.get(name)
+        if task is None or not (name in ROUTED_TASK_NAMES or getattr(task, "entity_routed",
+                                                                        False)):
+            known = ", ".join(sorted(ROUTED_TASK_NAMES))
+            raise RoutingError(
+                f"unknown task {name!r}: not an entity-routed task this producer knows "
+                f"(known: {known}; import the module that defines yours)")
+        params = list(inspect.signature(task.run).parameters.values())
+        if params and params[0].name == "self":
+            params = params[1:]
+        accepted = None
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            accepted = frozenset(p.name for p in params if p.kind != p.VAR_POSITIONAL)
+        required = frozenset(p.name for p in params if p.default is p.empty and
+                             p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        return cls(TaskTemplate.for_task(app, name), accepted, required - {ENTITY_KWARG})
+
+    def check(self, kwargs: Mapping[str, Any]) -> str | None:
+        """Why ``kwargs`` (with entity_id) cannot be sent to this task; None if it can."""
+        if self.accepted is not None:
+            unknown = kwargs.keys() - self.accepted
+            if unknown:
+                return (f"task {self.template.name} takes no argument "
+                        f"{', '.join(sorted(unknown))}")
+        missing = self.required - kwargs.keys()
+        if missing:
+            return f"task {self.template.name} needs {', '.join(sorted(missing))}"
+        return None
+
+
+@dataclass
+class Prepared:
+    """One checked request, ready to send."""
+
+    queue: bytes
+    task_id: str
+    payload: bytes
+
+
+_encode_json = json.JSONEncoder(allow_nan=False).encode
+_FIELDS = frozenset(("entity_id", "task", "kwargs"))
+
+
+class Publisher:
+    """Builds and sends requests for one app (its tasks, S, its Redis)."""
+
+    def __init__(self, app: Any, max_message_bytes: int) -> None:
+        self.app = app
+        self.max_message_bytes = max_message_bytes
+        self.shard_count = app.conf.task_routes[0].shard_count  # reads S once
+        self._queues = [shard_name(i).encode() for i in range(self.shard_count)]
+        self._specs: dict[str, TaskSpec] = {}
+
+    def spec(self, name: str) -> TaskSpec:
+        spec = self._specs.get(name)
+        if spec is None:
+            spec = self._specs[name] = TaskSpec.for_task(self.app, name)
+        return spec
+
+    def parse(self, request: Any) -> tuple[str, TaskSpec, dict[str, Any], bytes]:
+        """``(entity_id, spec, kwargs with entity_id, kwargs JSON)`` of one request, or
+        :class:`RoutingError` saying what is wrong with it."""
+        if type(request) is not dict and not isinstance(request, Mapping):
+            raise RoutingError(f"a request is a mapping with entity_id, task and kwargs, "
+                               f"not {type(request).__name__}")
+        extra = () if len(request) <= 3 and all(k in _FIELDS for k in request) else (
+            request.keys() - _FIELDS)
+        if extra:
+            raise RoutingError(f"unknown field {', '.join(sorted(map(str, extra)))} "
+                               "(a request has entity_id, task, kwargs)")
+        entity_id = validate_entity_id(request.get("entity_id"))
+        name = request.get("task")
+        if not isinstance(name, str) or not name:
+            raise RoutingError(f"task must be a task name, got {name!r}")
+        spec = self.spec(task_name(name))
+        given = request.get("kwargs", {})
+        if type(given) is not dict and not isinstance(given, Mapping):
+            raise RoutingError(f"kwargs must be an object, got {type(given).__name__}")
+        if ENTITY_KWARG in given and given[ENTITY_KWARG] != entity_id:
+            raise RoutingError(f"kwargs.entity_id {given[ENTITY_KWARG]!r} differs from "
+                               f"entity_id {entity_id!r}")
+        kwargs = {ENTITY_KWARG: entity_id, **given}
+        problem = spec.check(kwargs)
+        if problem:
+            raise RoutingError(problem)
+        try:
+            kwargs_json = _encode_json(kwargs).encode()
+        except (TypeError, ValueError) as exc:
+            raise RoutingError(f"kwargs cannot be sent as JSON: {exc}") from None
+        size = (len(kwargs_json) + 96) * 4 // 3 + ENVELOPE_BYTES
+        if size > self.max_message_bytes:
+            raise RoutingError(f"the request is about {size} bytes encoded, over the "
+                               f"{self.max_message_bytes}-byte limit (GPU_TASKS_MAX_MESSAGE)")
+        return entity_id, spec, kwargs, kwargs_json
+
+    def prepare(self, request: Any, task_id: str, delivery_tag: str) -> Prepared:
+        """One request as its shard queue will hold it (raises :class:`RoutingError`)."""
+        entity_id, spec, kwargs, kwargs_json = self.parse(request)
+        queue = self._queues[shard_index(entity_id, self.shard_count)]
+        return Prepared(queue, task_id, spec.template.payload(
+            kwargs_json, kwargs, task_id.encode(), queue, delivery_tag.encode()))
+
+    def send(self, client: redis.Redis, chunk: list[Prepared]) -> None:
+        """One round trip: per shard queue one LPUSH of its requests, in their order."""
+        by_queue: dict[bytes, list[bytes]] = {}
+        for p in chunk:
+            by_queue.setdefault(p.queue, []).append(p.payload)
+        send_packed(client, [lpush_command(q, payloads) for q, payloads in by_queue.items()])
+
+
+
+def lpush_command(key: bytes, values: list[bytes]) -> bytes:
+    """``LPUSH key v1 v2 ...`` in RESP, packed at once: redis-py's packer costs about as much
+    per argument as building the message itself."""
+    parts = [b"*%d\r\n$5\r\nLPUSH\r\n$%d\r\n%s\r\n" % (len(values) + 2, len(key), key)]
+    parts.extend(b"$%d\r\n%s\r\n" % (len(v), v) for v in values)
+    return b"".join(parts)
+
+
+def send_packed(client: redis.Redis, commands: list[bytes]) -> list[Any]:
+    """Send packed ``commands`` on one pooled connection and read their replies: a pipeline
+    without redis-py's per-argument packing. A reply that is an error is raised."""
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        conn.send_packed_command([b"".join(commands)])  # type: ignore[no-untyped-call]
+        replies = [conn.read_response() for _ in commands]
+    except BaseException:
+        conn.disconnect()  # type: ignore[no-untyped-call]  # replies may be left unread
+        raise
+    finally:
+        pool.release(conn)
+    for reply in replies:
+        if isinstance(reply, redis.ResponseError):
+            raise reply
+    return replies
+
+
+def _chunks(requests: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for request in requests:
+        chunk.append(request)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def submit_many(requests: Iterable[Mapping[str, Any]], *, app: Any = None,
+                results: bool = False, chunk_size: int = CHUNK_REQUESTS) -> list[Any]:
+    """Send ``requests`` (mappings with ``entity_id``, ``task``, ``kwargs``) to their shard
+    queues; return their task ids, or their ``AsyncResult``s with ``results=True``.
+
+    Raises :class:`RoutingError` for a bad request (its position, and how many requests
+    before it were sent) and :class:`BrokerUnavailable` when Redis does not take a chunk.
+    """
+    from gpu_tasks import settings as _settings
+
+    if app is None:
+        from gpu_tasks.app import app
+    settings = _settings.current()
+    publisher = Publisher(app, settings.max_message_bytes)
+    client = settings.redis_client()
+    sent: list[str] = []
+    try:
+        for chunk in _chunks(requests, chunk_size):
+            ids = new_task_ids(2 * len(chunk))
+            prepared = []
+            for i, request in enumerate(chunk):
+                try:
+                    prepared.append(publisher.prepare(request, ids[2 * i], ids[2 * i + 1]))
+                except RoutingError as exc:
+                    raise RoutingError(
+                        f"request {len(sent) + i}: {exc}; the {len(sent)} requests before its "
+                        "chunk were sent, none from its chunk on") from None
+            try:
+                publisher.send(client, prepared)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                raise BrokerUnavailable(
+                    f"Redis did not take requests {len(sent)}-{len(sent) + len(prepared) - 1} "
+                    f"({type(exc).__name__}: {exc}); the {len(sent)} before them were sent",
+                    settings.redis_url_shown) from exc
+            sent.extend(p.task_id for p in prepared)
+    finally:
+        client.close()
+    if results:
+        return [app.AsyncResult(task_id) for task_id in sent]
+    return sent
