@@ -22,12 +22,12 @@ from kombu.exceptions import OperationalError
 
 from gpu_tasks import errors as _errors  # noqa: F401  (results rebuild these exceptions)
 from gpu_tasks import settings as _settings
-from gpu_tasks.broker import TRANSPORT
+from gpu_tasks.broker import TRANSPORT, broker_unavailable
 from gpu_tasks.envelope import plain_kwargs
 from gpu_tasks.errors import BrokerUnavailable, ShardMapError
 from gpu_tasks.results import ResultBackend
 from gpu_tasks.routing import EntityRouter
-from gpu_tasks.settings import Settings, redacted_url
+from gpu_tasks.settings import Settings
 from gpu_tasks.shardmap import ShardMapStore
 
 # Where Celery would otherwise fall back to amqp://localhost. The router refuses
@@ -77,23 +77,6 @@ class GpuCelery(Celery):  # type: ignore[misc]
 
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-
-
-def broker_unavailable(what: str, url: str, exc: BaseException) -> BrokerUnavailable:
-    """The error a producer sees when Redis did not take or answer a call: what failed,
-    where (without the password), why, and whether anything may have been enqueued."""
-    cause: BaseException = exc
-    while cause.__cause__ is not None or cause.__context__ is not None:
-        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
-    hung = isinstance(cause, (TimeoutError, redis.TimeoutError)) or "timed out" in str(cause)
-    shown = redacted_url(url)
-    timeout = _settings.current().redis_timeout_s
-    if hung:
-        outcome = (f"Redis at {shown} did not answer within {timeout:g} s "
-                   "(GPU_TASKS_REDIS_TIMEOUT_S); if it resumes, what was sent may still run")
-    else:
-        outcome = f"Redis at {shown} is unavailable; nothing was enqueued"
-    return BrokerUnavailable(f"{what}: {outcome} ({type(cause).__name__}: {cause})", shown)
 
 
 app = GpuCelery("gpu_tasks")

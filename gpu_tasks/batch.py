@@ -427,7 +427,6 @@ def run_batch(path: Path, source: str, settings: Settings, options: BatchOptions
     started = time.monotonic()
     if app is None:
         from gpu_tasks.app import app
-    app.loader.import_default_modules()  # users' tasks (GPU_TASKS_IMPORTS) are known
     file_format = options.file_format or ("csv" if source.lower().endswith(".csv")
                                           else "jsonl")
     if file_format not in ("jsonl", "csv"):

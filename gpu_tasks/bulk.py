@@ -114,6 +114,7 @@ class Publisher:
     def __init__(self, app: Any, max_message_bytes: int) -> None:
         self.app = app
         self.max_message_bytes = max_message_bytes
+        app.loader.import_default_modules()  # users' tasks (GPU_TASKS_IMPORTS) are known
         self.shard_count = app.conf.task_routes[0].shard_count  # reads S once
         self._queues = [shard_name(i).encode() for i in range(self.shard_count)]
         self._specs: dict[str, TaskSpec] = {}

@@ -14,8 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from celery.backends.redis import RedisBackend
 from celery.backends.redis import ResultConsumer as CeleryResultConsumer
+
+from gpu_tasks.broker import broker_unavailable
+
+_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
 
 
 class ResultConsumer(CeleryResultConsumer):  # type: ignore[misc]
@@ -36,3 +41,19 @@ class ResultBackend(RedisBackend):  # type: ignore[misc]
 
     def on_task_call(self, producer: Any, task_id: str) -> None:
         """Nothing to do at submit: ``get()`` subscribes (``add_pending_result``)."""
+
+    # Reading a result from a down or hung Redis raises the producer's one error for it.
+
+    def get(self, key: str) -> Any:
+        try:
+            return super().get(key)
+        except _UNAVAILABLE as exc:
+            raise broker_unavailable("cannot read a result", self.url or "", exc,
+                                     sending=False) from exc
+
+    def mget(self, keys: list[str]) -> Any:
+        try:
+            return super().mget(keys)
+        except _UNAVAILABLE as exc:
+            raise broker_unavailable("cannot read results", self.url or "", exc,
+                                     sending=False) from exc

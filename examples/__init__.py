@@ -1,0 +1,1 @@
+"""Examples of gpu-tasks producers (not part of the installed package)."""
