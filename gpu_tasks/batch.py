@@ -54,7 +54,7 @@ import redis
 from gpu_tasks.bulk import CHUNK_REQUESTS, Publisher
 from gpu_tasks.envelope import new_task_ids
 from gpu_tasks.errors import BatchError, BrokerUnavailable, ConfigError, RoutingError
-from gpu_tasks.routing import shard_index, shard_name
+from gpu_tasks.routing import shard_name
 from gpu_tasks.settings import Settings
 from gpu_tasks.shardmap import ShardMapStore
 
@@ -476,7 +476,7 @@ def _check(path: Path, file_format: str, options: BatchOptions, publisher: Publi
             report.rejections.append(Rejection(number, str(item)))
             continue
         try:
-            entity_id, spec, _kwargs, _json = publisher.parse(
+            entity_id, index, spec, _kwargs, _json = publisher.parse(
                 _request_of(item, options.default_task))
         except RoutingError as exc:
             report.rejections.append(Rejection(number, str(exc)))
@@ -484,7 +484,7 @@ def _check(path: Path, file_format: str, options: BatchOptions, publisher: Publi
         report.accepted += 1
         report.outcomes.append(LineOutcome(
             number, entity_id, spec.template.name, task_id_for(report.batch_id, number),
-            queue=shard_name(shard_index(entity_id, publisher.shard_count))))
+            queue=shard_name(index)))
         if report.lines % 10_000 == 0:
             progress.advance(10_000)
 
