@@ -42,7 +42,7 @@ test: lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check gpu_tasks workers tests benchmarks examples
+	$(PY) -m ruff check gpu_tasks workers tests benchmarks examples ops
 
 typecheck: $(STAMP)
 	$(PY) -m mypy

@@ -34,12 +34,14 @@ from benchmarks.common import (
     now_utc,
 )
 
-BENCHMARKS = ("router", "drain", "e2e", "fleet")
+BENCHMARKS = ("router", "drain", "e2e", "fleet", "producer")
 QUICK_ARGS: dict[str, list[str]] = {
     "router": ["--calls", "20000", "--repeats", "5", "--messages", "300", "--pairs", "5"],
     "drain": ["--tasks", "300", "--rounds", "5", "--warmup", "50"],
     "e2e": ["--requests", "300", "--serial", "50", "--rounds", "5", "--warmup", "50"],
     "fleet": ["--handoffs", "2", "--quiet-s", "1", "--failover-runs", "1"],
+    "producer": ["--messages", "300", "--pairs", "3", "--bulk", "20000", "--rounds", "2",
+                 "--redis-requests", "100000", "--batch-lines", "5000", "--verify", "200"],
 }
 
 
@@ -297,6 +299,53 @@ def _fleet(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _producer(r: dict[str, Any]) -> list[str]:
+    a, b, c, v = r["apply_async"], r["bulk"], r["batch"], r["verify"]
+    rb, over = r["redis_benchmark_lpush_per_s"], r["bulk_over_redis"]
+    t = r["targets"]
+    lines = [
+        "## Producers (`benchmarks/producer.py`)",
+        "",
+        f"One process. `apply_async`: {len(a['pairs'])} pairs x {a['messages_per_run']} "
+        f"messages, the two sides interleaved in blocks of {a['block']}, the side going "
+        "first alternating; plain is a stock Celery app (Redis broker and result backend) "
+        "sending to its default queue, routed is `gpu_tasks.tasks.alloc.apply_async` "
+        f"through the entity router. Bulk: `submit_many` of {b['requests_per_round']} alloc "
+        f"requests ({b['message_bytes']} bytes each as stored), checked, built and sent, "
+        f"{b['per_s']['n']} rounds. Redis runs as ops/redis.conf does (append-only file, fsync every second).",
+        "",
+        "| figure | value | target | result |",
+        "|---|---|---|---|",
+        f"| plain Celery `apply_async` (unrouted) | {_spread(a['plain_per_s'], '.0f', '/s')}"
+        f" = {a['plain_us_per_call']} µs/call | | |",
+        f"| gpu-tasks routed `apply_async` | {_spread(a['routed_per_s'], '.0f', '/s')} = "
+        f"{a['routed_us_per_call']} µs/call | | |",
+        f"| routed / plain (per pair) | {_spread(a['ratio'])} | ≥ 1.5 | "
+        f"{_verdict(a['pass'])} |",
+        f"| bulk `submit_many` | {_spread(b['per_s'], '.0f', '/s')} | ≥ 50,000/s | "
+        f"{_verdict(t['bulk requests/s']['pass'])} |",
+        f"| bulk / plain `apply_async` loop | {r['bulk_over_plain']}x | ≥ 30x | "
+        f"{_verdict(t['bulk / plain apply_async loop']['pass'])} |",
+        f"| `redis-benchmark -t lpush -P 16` (50 connections, 3-byte value) | "
+        f"{rb['default_P16']:.0f}/s; bulk is {over['default_P16']:.3f} of it | ≥ 0.30 | "
+        f"{_verdict(t['bulk / redis-benchmark LPUSH -P 16']['pass'])} |",
+        f"| the same from one connection (`-c 1`) | {rb['one_connection_P16']:.0f}/s; bulk "
+        f"is {over['one_connection_P16']:.3f} of it | (shown) | |",
+        f"| one connection, value of the bulk message's size (`-c 1 -d "
+        f"{b['message_bytes']}`) | {rb['one_connection_P16_same_size']:.0f}/s; bulk is "
+        f"{over['one_connection_P16_same_size']:.3f} of it | (shown) | |",
+        f"| `gpu-tasks batch` of {c['lines']} lines, end to end (new process, check, send "
+        f"exactly once) | {c['lines_per_s']:.0f} lines/s ({c['seconds']} s) | (reported) | |",
+    ]
+    if v:
+        lines.append(f"| executed by 2 sim GPU workers | {v['bulk_requests'] - v['bulk_wrong']}"
+                     f"/{v['bulk_requests']} bulk requests right; `batch --wait` exit "
+                     f"{v['batch_exit']}, {v['batch_succeeded']} succeeded | all | "
+                     f"{_verdict(v['pass'])} |")
+    lines.append("")
+    return lines
+
+
 def markdown(results: dict[str, dict[str, Any]], commands: dict[str, str],
              failures: dict[str, int], date: str) -> str:
     lines = [
@@ -321,7 +370,8 @@ def markdown(results: dict[str, dict[str, Any]], commands: dict[str, str],
         lines += [f"- `{commands[n]}` exited with {rc}" for n, rc in failures.items()]
         lines.append("")
     lines += _summary(results)
-    sections = {"router": _router, "drain": _drain, "e2e": _e2e, "fleet": _fleet}
+    sections = {"router": _router, "drain": _drain, "e2e": _e2e, "fleet": _fleet,
+                "producer": _producer}
     for name, result in results.items():
         lines += sections[name](result)
     return "\n".join(lines).rstrip() + "\n"

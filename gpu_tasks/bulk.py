@@ -42,7 +42,7 @@ from gpu_tasks.routing import (
     validate_entity_id,
 )
 
-CHUNK_REQUESTS = 2000
+CHUNK_REQUESTS = 5000
 """Requests per pipeline: large enough that a round trip is a few percent of a chunk,
 small enough that a chunk's memory and Redis's pause for it stay small."""
 ENVELOPE_BYTES = 1024
@@ -183,12 +183,13 @@ class Publisher:
         return Prepared(queue, task_id, spec.template.payload(
             kwargs_json, kwargs, task_id.encode(), queue, delivery_tag.encode()))
 
-    def send(self, client: redis.Redis, chunk: list[Prepared]) -> None:
-        """One round trip: per shard queue one LPUSH of its requests, in their order."""
+    @staticmethod
+    def commands(chunk: list[Prepared]) -> list[bytes]:
+        """Per shard queue one LPUSH of its requests, in their order."""
         by_queue: dict[bytes, list[bytes]] = {}
         for p in chunk:
             by_queue.setdefault(p.queue, []).append(p.payload)
-        send_packed(client, [lpush_command(q, payloads) for q, payloads in by_queue.items()])
+        return [lpush_command(q, payloads) for q, payloads in by_queue.items()]
 
 
 
@@ -200,23 +201,50 @@ def lpush_command(key: bytes, values: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
-def send_packed(client: redis.Redis, commands: list[bytes]) -> list[Any]:
-    """Send packed ``commands`` on one pooled connection and read their replies: a pipeline
-    without redis-py's per-argument packing. A reply that is an error is raised."""
-    pool = client.connection_pool
-    conn = pool.get_connection()
-    try:
-        conn.send_packed_command([b"".join(commands)])  # type: ignore[no-untyped-call]
-        replies = [conn.read_response() for _ in commands]
-    except BaseException:
-        conn.disconnect()  # type: ignore[no-untyped-call]  # replies may be left unread
-        raise
-    finally:
-        pool.release(conn)
-    for reply in replies:
-        if isinstance(reply, redis.ResponseError):
-            raise reply
-    return replies
+class PackedPipe:
+    """A pipeline of packed commands on one connection, one batch of them in flight: the
+    caller builds the next batch while Redis executes the last (on a 2-core host, Python
+    and Redis each keep one core busy instead of taking turns). Replies that are errors
+    are raised by :meth:`collect`."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.pool = client.connection_pool
+        self.conn: Any = None
+        self.pending = 0
+
+    def __enter__(self) -> PackedPipe:
+        self.conn = self.pool.get_connection()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pending:
+            self.conn.disconnect()  # replies left unread: never reuse it
+        self.pool.release(self.conn)
+
+    def send(self, commands: list[bytes]) -> None:
+        """Write ``commands``; their replies are read by the next :meth:`collect`."""
+        self.collect()
+        try:
+            self.conn.send_packed_command([b"".join(commands)])
+        except BaseException:
+            self.conn.disconnect()
+            raise
+        self.pending = len(commands)
+
+    def collect(self) -> list[Any]:
+        """The replies of what was sent last (none if they were read already)."""
+        replies = []
+        try:
+            while self.pending:
+                replies.append(self.conn.read_response())
+                self.pending -= 1
+        except BaseException:
+            self.conn.disconnect()
+            raise
+        for reply in replies:
+            if isinstance(reply, redis.ResponseError):
+                raise reply
+        return replies
 
 
 def _chunks(requests: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -246,25 +274,42 @@ def submit_many(requests: Iterable[Mapping[str, Any]], *, app: Any = None,
     publisher = Publisher(app, settings.max_message_bytes)
     client = settings.redis_client()
     sent: list[str] = []
+    flying: list[str] = []  # the ids of the chunk Redis may still be executing
+
+    def confirm(pipe: PackedPipe) -> None:
+        try:
+            pipe.collect()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise BrokerUnavailable(
+                f"Redis did not confirm requests {len(sent)}-{len(sent) + len(flying) - 1} "
+                f"({type(exc).__name__}: {exc}): they may or may not have been enqueued; the "
+                f"{len(sent)} before them were", settings.redis_url_shown) from exc
+        sent.extend(flying)
+        flying.clear()
+
     try:
-        for chunk in _chunks(requests, chunk_size):
-            ids = new_task_ids(2 * len(chunk))
-            prepared = []
-            for i, request in enumerate(chunk):
+        with PackedPipe(client) as pipe:
+            for chunk in _chunks(requests, chunk_size):
+                ids = new_task_ids(2 * len(chunk))
+                prepared = []
+                for i, request in enumerate(chunk):
+                    try:
+                        prepared.append(publisher.prepare(request, ids[2 * i], ids[2 * i + 1]))
+                    except RoutingError as exc:
+                        confirm(pipe)
+                        raise RoutingError(
+                            f"request {len(sent) + i}: {exc}; the {len(sent)} requests before "
+                            "its chunk were sent, none from its chunk on") from None
+                confirm(pipe)
                 try:
-                    prepared.append(publisher.prepare(request, ids[2 * i], ids[2 * i + 1]))
-                except RoutingError as exc:
-                    raise RoutingError(
-                        f"request {len(sent) + i}: {exc}; the {len(sent)} requests before its "
-                        "chunk were sent, none from its chunk on") from None
-            try:
-                publisher.send(client, prepared)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                raise BrokerUnavailable(
-                    f"Redis did not take requests {len(sent)}-{len(sent) + len(prepared) - 1} "
-                    f"({type(exc).__name__}: {exc}); the {len(sent)} before them were sent",
-                    settings.redis_url_shown) from exc
-            sent.extend(p.task_id for p in prepared)
+                    pipe.send(publisher.commands(prepared))
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    raise BrokerUnavailable(
+                        f"Redis did not take requests {len(sent)}-"
+                        f"{len(sent) + len(prepared) - 1} ({type(exc).__name__}: {exc}); the "
+                        f"{len(sent)} before them were sent", settings.redis_url_shown) from exc
+                flying.extend(p.task_id for p in prepared)
+            confirm(pipe)
     finally:
         client.close()
     if results:
