@@ -25,7 +25,18 @@ _UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
 
 class ResultConsumer(CeleryResultConsumer):  # type: ignore[misc]
     """Unsubscribes only from what it subscribed to: a result nobody waited for costs
-    nothing when it is collected."""
+    nothing when it is collected. A pub/sub connection that cannot be re-established
+    (Redis down or hung) raises :class:`BrokerUnavailable` for the ``get()`` that needed
+    it, where Celery raises ``RuntimeError("... The Celery application must be
+    restarted")``: it need not be, the next ``get()`` connects afresh."""
+
+    def _reconnect(self) -> None:
+        try:
+            super()._reconnect()
+        except _UNAVAILABLE as exc:
+            self._pubsub = None  # the next consume_from() starts a new connection
+            raise broker_unavailable("cannot wait for a result", self.backend.url or "", exc,
+                                     sending=False) from exc
 
     def cancel_for(self, task_id: str) -> None:
         key = self._get_key_for_task(task_id)

@@ -167,10 +167,14 @@ def test_apply_async_fails_within_the_timeout_when_redis_is_down_or_hung(
         assert took < 3.0, took
         assert "cannot send gpu_tasks.alloc" in str(error)
         assert ("did not answer within 1 s" if fault == "hung" else "unavailable") in str(error)
-    # And reading a result fails the same way, not with a raw socket error
+    # And reading a result fails the same way, not with a raw socket error, and waiting
+    # for one does not claim the application must be restarted
     error, took = timed(lambda: warm.state)
     assert isinstance(error, BrokerUnavailable), repr(error)
     assert took < 3.0, took
+    error, took = timed(lambda: warm.get(timeout=10))
+    assert isinstance(error, BrokerUnavailable), repr(error)
+    assert took < 5.0, took
 
 
 def test_a_producer_heals_after_redis_restarts(own_redis: tuple[RedisServer, Settings]) -> None:
