@@ -494,7 +494,13 @@ def submit(
     timeout_s: float,
     as_json: bool,
 ) -> None:
-    """Send TASK (e.g. alloc or gpu_tasks.alloc) with Celery's send_task."""
+    """Send TASK (e.g. alloc or gpu_tasks.alloc) with Celery's send_task.
+
+    \b
+    Exit codes with --wait: 0 the task succeeded; 1 it failed (the error is printed);
+    3 it had not finished within --timeout (still queued or running: it will run, so
+    do not send it again).
+    """
     try:
         kwargs = json.loads(kwargs_json)
     except json.JSONDecodeError as exc:
@@ -508,17 +514,25 @@ def submit(
     options = {"queue": queue} if queue else {}
     result = app.send_task(name, kwargs=kwargs, **options)
     out: dict[str, Any] = {"task_id": result.id, "task": name}
+    code = 0
     if wait:
+        from celery.exceptions import TimeoutError as ResultTimeout
+
         try:
             out["result"] = result.get(timeout=timeout_s)
+        except ResultTimeout:
+            # Not an answer: the request is still queued or running and will run. Exit 3,
+            # not 1, so a retrying caller does not send it again.
+            out["unfinished"] = {"state": result.state, "timeout_s": timeout_s}
+            code = 3
         except Exception as exc:
             out["error"] = {"type": type(exc).__name__, "message": str(exc)}
+            code = 1
     if as_json:
         _emit_json(out)
     else:
         console.print_json(data=out)
-    if "error" in out:
-        sys.exit(1)
+    sys.exit(code)
 
 
 # -- batch ------------------------------------------------------------------------------

@@ -169,3 +169,18 @@ def test_settings_from_the_environment_name_the_bad_variable() -> None:
     assert (s.sim_memory_bytes, s.node, s.imports) == (512 << 20, "n1", ("a.b", "c"))
     assert s.fault_injection is True
     assert Settings.from_env(s.to_env()) == s
+
+
+def test_submit_wait_tells_unfinished_from_failed(spare_url: str) -> None:
+    # Given a deployment whose GPUs run nothing (no worker consumes this database)
+    env = {**os.environ, "GPU_TASKS_REDIS_URL": spare_url}
+    ShardMapStore(redis.Redis.from_url(spare_url)).create(ShardMap.balanced(QUEUES, 8))
+    # When a caller waits for a request that cannot finish in time
+    done = gpu_tasks_cli("submit", "alloc", "--entity", "u", "--kwargs",
+                         '{"name": "x", "shape": [4]}', "--wait", "--timeout", "0.5",
+                         "--json", env=env)
+    # Then the exit code says "unfinished, do not resend" (3), not "failed" (1)
+    assert done.returncode == 3, done.stderr
+    out = json.loads(done.stdout)
+    assert out["unfinished"]["state"] == "PENDING" and "error" not in out
+    assert sum(enqueued(redis.Redis.from_url(spare_url)).values()) == 1
