@@ -78,8 +78,13 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except GpuTasksError as exc:
             raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
-        except redis.ConnectionError as exc:
-            raise click.ClickException(f"cannot reach Redis: {exc}") from None
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            from gpu_tasks import settings as settings_module
+
+            where = settings_module.current().redis_url_shown
+            raise click.ClickException(
+                f"cannot reach Redis at {where} (within GPU_TASKS_REDIS_TIMEOUT_S): "
+                f"{type(exc).__name__}: {exc}") from None
 
     return wrapper  # type: ignore[return-value]
 
