@@ -312,7 +312,8 @@ def _producer(r: dict[str, Any]) -> list[str]:
         "sending to its default queue, routed is `gpu_tasks.tasks.alloc.apply_async` "
         f"through the entity router. Bulk: `submit_many` of {b['requests_per_round']} alloc "
         f"requests ({b['message_bytes']} bytes each as stored), checked, built and sent, "
-        f"{b['per_s']['n']} rounds. Redis runs as ops/redis.conf does (append-only file, fsync every second).",
+        f"{b['per_s']['n']} rounds. Redis runs as ops/redis.conf does (append-only file, "
+        "fsync every second).",
         "",
         "| figure | value | target | result |",
         "|---|---|---|---|",
