@@ -674,44 +674,150 @@ def _print_batch(summary: dict[str, Any], rejections: list[Any]) -> None:
 @click.pass_context
 @handle_errors
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Each GPU: lease, consuming or not, shards, queued requests, memory, entities, spills."""
-    from gpu_tasks.status import snapshot
+    """Each GPU: lease, consuming or not, shards, queued requests and how long the oldest
+    has waited, memory, entities, spills; then each PROBLEM (work that nothing consumes,
+    shards with no owner)."""
+    from rich.text import Text
+
+    from gpu_tasks.status import format_seconds, snapshot
 
     fleet = snapshot(_settings(ctx).redis_client())
     if as_json:
         _emit_json(fleet.as_dict())
         return
-    if not fleet.gpus:
+    if fleet.gpus:
+        _print_gpus(fleet)
+    else:
         console.print("no GPUs: no shard map, no worker registered")
-        return
+    waiting = [h for h in fleet.handoffs if h.queued]
+    if fleet.handoffs:
+        shown = ", ".join(h.shard for h in fleet.handoffs[:5])
+        more = ", ..." if len(fleet.handoffs) > 5 else ""
+        line = f"{len(fleet.handoffs)} shards are being handed off ({shown}{more})"
+        if waiting:
+            line += (f"; {sum(h.queued for h in waiting)} requests wait in them until the "
+                     "handoffs finish, the oldest for at least "
+                     f"{format_seconds(max(h.oldest_s or 0.0 for h in waiting))}")
+        console.print(Text(line), soft_wrap=True)
+    for problem in fleet.problems:
+        console.print(Text.assemble(("PROBLEM", "bold red"), " ", problem), soft_wrap=True)
+
+
+def _print_gpus(fleet: Any) -> None:
+    """The status table: at the terminal's width in colour, or piped, whole and plain."""
+    from rich.measure import Measurement
+    from rich.table import Column
+    from rich.text import Text
+
+    from gpu_tasks.status import format_seconds
+
     title = (f"{fleet.shard_count} shards, epoch {fleet.epoch}" if fleet.shard_count
              else "no shard map")
-    table = Table("GPU", "worker", "lease", "consuming", "shards", "queued", "MiB used/total",
-                  "entities", "MiB spilled", "spills/restores/evictions", "gen", "device",
-                  title=title, box=box.SIMPLE_HEAD)
+    headers = ["GPU", "worker", "lease", "consuming", "shards", "queued", "oldest",
+               "MiB used/total", "entities", "MiB spilled", "spills/restores/evictions", "gen",
+               "device"]
+    rows: list[list[str]] = []
     for g in fleet.gpus:
         d = g.device
-        table.add_row(
+        rows.append([
             g.gpu,
             g.worker or "-",
-            f"{g.lease_age_s:.1f}s" if g.alive else "[red]none[/]",
-            "[green]yes[/]" if g.consuming else "[red]NO[/]",
+            (f"{g.lease_age_s:.1f}s" if g.alive
+             else "gone" if g.lease_age_s is not None else "none"),
+            "yes" if g.consuming else "NO",
             str(g.shards),
-            f"[red]{g.queued}[/]" if g.problem else str(g.queued),
+            str(g.queued),
+            format_seconds(g.oldest_s),
             f"{_mib(d['used_bytes'])}/{_mib(d['total_bytes'])}" if d else "-",
             str(d.get("entities", "-")),
             _mib(d["spilled_bytes"]) if d else "-",
             f"{d['spills']}/{d['restores']}/{d['evictions']}" if d else "-",
             str(d.get("generation", "-")),
             d.get("device_uuid", "-") or "-",
-        )
-    _print(table)
-    for problem in fleet.problems:
-        console.print(f"[bold red]PROBLEM[/] {problem}", soft_wrap=True)
+        ])
+    if console.is_terminal:
+        def table_of(columns: list[int]) -> Table:
+            # overflow="fold": a narrow terminal breaks a long GPU name, never cuts it.
+            table = Table(Column(headers[0], overflow="fold"),
+                          *(headers[i] for i in columns[1:]), title=title,
+                          box=box.SIMPLE_HEAD)
+            for g, row in zip(fleet.gpus, rows, strict=True):
+                cells = {i: Text(row[i]) for i in columns}
+                cells[2].stylize("" if g.alive else "red")
+                cells[3].stylize("green" if g.consuming else "red")
+                table.add_row(*cells.values(), style="bold red" if g.problem else None)
+            return table
+
+        # Too narrow for every column: leave out the least telling ones, in this order,
+        # rather than squeeze every cell into an ellipsis.
+        columns = list(range(len(headers)))
+        table = table_of(columns)
+        for name in ("device", "spills/restores/evictions", "MiB spilled", "gen", "worker",
+                     "entities"):
+            natural = Measurement.get(console, console.options.update_width(1 << 16), table)
+            if natural.maximum <= console.width:
+                break
+            columns.remove(headers.index(name))
+            table = table_of(columns)
+        console.print(table)
+        if len(columns) < len(headers):
+            left_out = ", ".join(h for i, h in enumerate(headers) if i not in columns)
+            console.print(Text(f"not shown at this width: {left_out} (--json has them)",
+                               style="dim"), soft_wrap=True)
+    else:
+        # Piped: every cell whole, whatever the width, and no colour. Plain columns rather
+        # than a rich table, which for 64 GPUs costs ~80 ms to lay out.
+        click.echo(title)
+        click.echo(_columns([headers, *rows]))
 
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.0f}"
+
+
+def _columns(rows: list[list[str]]) -> str:
+    """``rows`` as left-aligned columns two spaces apart, nothing cut."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+                     .rstrip() for row in rows)
+
+
+# -- exporter ---------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--port", type=click.IntRange(1, 65535), default=9487, show_default=True)
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface).")
+@click.pass_context
+@handle_errors
+def exporter(ctx: click.Context, port: int, address: str) -> None:
+    """Serve Prometheus metrics at http://ADDRESS:PORT/metrics: per GPU its backlog and the
+    oldest request's age, consuming or not, lease, shards, memory, task outcomes; the
+    shard map's epoch, handoffs, shards with no owner or no consumer. Each scrape takes one
+    status snapshot. Runs until SIGTERM or Ctrl-C."""
+    import importlib.util
+    import threading
+
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise ConfigError("`gpu-tasks exporter` needs prometheus-client, in the ops extra: "
+                          "pip install 'gpu-tasks[ops]'")
+    from gpu_tasks.metrics import serve
+
+    settings = _settings(ctx)
+    settings.require_redis_url()
+    stop = threading.Event()
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        serve(settings.redis_client(), address, port, stop, on_ready=lambda: click.echo(
+            f"serving metrics at http://{address}:{port}/metrics", err=True))
+    except OSError as exc:  # the port is taken, or the address is not this host's
+        raise click.ClickException(f"cannot listen on {address}:{port}: {exc}") from None
 
 
 # -- demo -------------------------------------------------------------------------------
@@ -792,6 +898,40 @@ def demo(ctx: click.Context, entity_count: int, timeout_s: float, as_json: bool)
         sys.exit(1)
 
 
+# -- flower -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--port", type=click.IntRange(1, 65535), default=5555, show_default=True)
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Address to listen on ('' or 0.0.0.0: every interface).")
+@click.option("--basic-auth", metavar="USER:PASS",
+              help="Credentials for the pages and the REST API (default: "
+                   "$GPU_TASKS_FLOWER_BASIC_AUTH; a flag shows in `ps`, the setting does not).")
+@click.option("--no-auth", is_flag=True,
+              help="No authentication: allowed on a loopback address only.")
+@click.pass_context
+@handle_errors
+def flower(ctx: click.Context, port: int, address: str, basic_auth: str | None,
+           no_auth: bool) -> None:
+    """Run Flower for this deployment: authenticated, REST API on, task history kept in
+    <data dir>/flower.db across restarts. Replaces this process (for systemd)."""
+    import os
+    from pathlib import Path
+
+    from gpu_tasks.flower import flower_argv, flower_env, resolve_auth
+
+    settings = _settings(ctx)
+    settings.require_redis_url()
+    auth = resolve_auth(settings, basic_auth, no_auth, address)
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    argv = flower_argv(settings, port=port, address=address)
+    host = f"[{address}]" if ":" in address else (address or "0.0.0.0")
+    click.echo(f"Flower on http://{host}:{port}, Redis "
+               f"{settings.redis_url_shown}; credentials: {auth.shown}", err=True)
+    os.execve(argv[0], argv, flower_env(settings, auth))
+
+
 # -- up ---------------------------------------------------------------------------------
 
 
@@ -834,7 +974,10 @@ def up(
     entity_count: int,
     once: bool,
 ) -> None:
-    """Start Redis (unless configured), GPU workers and Flower; run the demo; stay up."""
+    """Start Redis (unless configured), GPU workers and Flower; run the demo; stay up.
+
+    Flower asks for a login: $GPU_TASKS_FLOWER_BASIC_AUTH, or else a password made for
+    this run, in <data dir>/flower-credentials (mode 0600)."""
     _require_worker_extra("up")
     from gpu_tasks.cluster import LocalCluster, gpu_tasks_command
     from workers.backend import count_gpus, resolve_backend
@@ -861,8 +1004,12 @@ def up(
             s = cluster.settings
             console.print(f"Redis:   {s.redis_url}")
             console.print(f"Workers: {', '.join(cluster.queues)} (logs in {cluster.log_dir})")
-            if cluster.flower_url:
-                console.print(f"Flower:  {cluster.flower_url}")
+            if cluster.flower_url and cluster.flower_auth:
+                # Where the credentials are, never the password itself (terminals and CI
+                # logs are read by others).
+                console.print(f"Flower:  {cluster.flower_url} (user "
+                              f"{cluster.flower_auth.user}; password in "
+                              f"{cluster.flower_auth.shown})", soft_wrap=True, markup=False)
             demo_rc = subprocess.call(
                 gpu_tasks_command("demo", "--entities", str(entity_count)), env=s.child_env()
             )

@@ -2,26 +2,33 @@
 
 - ``gpu-tasks:fleet``               hash ``gpu.<node>.<i>`` -> JSON record (below)
 - ``gpu-tasks:generation:<gpu>``    the GPU's context generation counter
+- ``gpu-tasks:taskcounts:<gpu>``    hash ``<task name>:<outcome>`` -> how many tasks of
+  that name ended so on that GPU (outcomes: ``succeeded``, ``failed``, ``retried``),
+  summed over every worker and pool child the GPU has had
 
 A record holds the worker and device identity (name, UUID or sim id, total
 memory), the latest accounting (used bytes, entities, buffers, generation),
-``started_at`` (when the device was opened) and ``heartbeat_at``; the pool child
-that holds the device writes it every ``heartbeat_s``. Whether a GPU is served at
-all is the lease's business (:mod:`gpu_tasks.lease`), judged on Redis's clock by
-the process that fetches its messages; a record only says what the device held
-when last heard of.
+``started_at`` (when the worker started: its main process, so the same for every pool
+child it forks, and not moved by heartbeats) and ``heartbeat_at``; the pool child
+that holds the device writes it every ``heartbeat_s``, adding its task counts in the
+same round trip. Whether a GPU is served at all is the lease's business
+(:mod:`gpu_tasks.lease`), judged on Redis's clock by the process that fetches its
+messages; a record only says what the device held when last heard of.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import redis
 
 FLEET_KEY = "gpu-tasks:fleet"
 GENERATION_KEY = "gpu-tasks:generation:{queue}"
+TASK_COUNTS_KEY = "gpu-tasks:taskcounts:{queue}"
+TASK_OUTCOMES = ("succeeded", "failed", "retried")
 
 
 @dataclass
@@ -50,6 +57,8 @@ class GpuRecord:
     """``running``, ``stopped`` (clean shutdown) or ``failed`` (see ``error``)."""
     error: str = ""
     started_at: float = field(default_factory=time.time)
+    """When the worker started (wall clock of its host). Writers pass the worker's start
+    time; this default is only for a record made outside a worker."""
     heartbeat_at: float = field(default_factory=time.time)
 
 
@@ -62,6 +71,31 @@ class FleetRegistry:
     def heartbeat(self, record: GpuRecord, pipeline: redis.client.Pipeline | None = None) -> None:
         record.heartbeat_at = time.time()
         (pipeline or self.client).hset(FLEET_KEY, record.queue, json.dumps(asdict(record)))
+
+    def add_task_counts(self, queue: str, counts: Mapping[str, int],
+                        pipeline: redis.client.Pipeline | None = None) -> None:
+        """Add ``counts`` (``<task>:<outcome>`` -> n) to ``queue``'s GPU's task counts."""
+        target = pipeline or self.client.pipeline(transaction=False)
+        key = TASK_COUNTS_KEY.format(queue=queue)
+        for name, n in counts.items():
+            target.hincrby(key, name, n)
+        if pipeline is None and counts:
+            target.execute()
+
+    def task_counts(self, queues: Sequence[str]) -> dict[str, dict[tuple[str, str], int]]:
+        """Per GPU: ``(task, outcome)`` -> how many, in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for queue in queues:
+            pipe.hgetall(TASK_COUNTS_KEY.format(queue=queue))
+        out: dict[str, dict[tuple[str, str], int]] = {}
+        for queue, raw in zip(queues, pipe.execute() if queues else [], strict=True):
+            counts: dict[tuple[str, str], int] = {}
+            for field_name, n in raw.items():
+                # Task names may hold colons; outcomes never do.
+                task, _, outcome = field_name.decode().rpartition(":")
+                counts[(task, outcome)] = int(n)
+            out[queue] = counts
+        return out
 
     def next_generation(self, queue: str) -> int:
         """A new context generation for ``queue``'s GPU, larger than every earlier one,

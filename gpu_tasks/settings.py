@@ -123,6 +123,15 @@ class Settings:
     """Where ``gpu-tasks up`` keeps the embedded Redis data and logs."""
     log_level: str = "WARNING"
     """Worker log level. Celery's default: INFO adds two log lines to every task."""
+    task_events: bool = False
+    """GPU workers send task events (received, started, succeeded, failed) from their first
+    task on, so Flower shows every request. Set it wherever Flower watches the deployment
+    (``gpu-tasks up`` does, when it starts Flower): Flower switches events on itself only
+    every few seconds after it starts, missing what ran before. Costs each request about
+    as much as a trivial task."""
+    flower_basic_auth: str = field(default="", repr=False)
+    """``USER:PASSWORD`` (several: comma-separated) that ``gpu-tasks flower`` requires for
+    Flower's pages and REST API. A secret: never printed, logged or shown in ``repr``."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -237,6 +246,7 @@ def env_name(field_name: str) -> str:
 _INT_FIELDS = {"shard_count", "max_backlog"}
 _SIZE_FIELDS = {"sim_memory_bytes", "entity_memory_bytes", "spill_memory_bytes",
                 "max_message_bytes"}
+_BOOL_FIELDS = {"fault_injection", "task_events"}
 _FLOAT_FIELDS = {"entity_idle_s", "lease_ttl_s", "map_poll_s", "heartbeat_s",
                  "redis_timeout_s", "device_open_timeout_s", "failover_after_s",
                  "task_time_limit_s", "visibility_timeout_s", "batch_record_ttl_s"}
@@ -258,7 +268,7 @@ def _convert(name: str, raw: str) -> Any:
             return parse_size(raw)
         except ConfigError as exc:
             raise ConfigError(f"{var}: {exc}") from None
-    if name == "fault_injection":
+    if name in _BOOL_FIELDS:
         if raw.strip().lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
             raise ConfigError(f"{var}={raw!r} is not a boolean (use 1/0, true/false)")
         return raw.strip().lower() in ("1", "true", "yes", "on")

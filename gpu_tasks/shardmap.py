@@ -300,12 +300,17 @@ class ShardMapStore:
             raise ShardMapError(NO_MAP)
         count = int(meta[b"shard_count"])
         shards = []
+        # Most entries are alike (one per owner, when settled): parse each text once.
+        parsed: dict[bytes, Shard] = {}
         for i in range(count):
             name = shard_name(i)
             raw = entries.get(name.encode())
             if raw is None:
                 raise ShardMapError(f"shard map is malformed: {name} has no entry")
-            shards.append(Shard.from_json(raw, name))
+            shard = parsed.get(raw)
+            if shard is None:
+                shard = parsed[raw] = Shard.from_json(raw, name)
+            shards.append(shard)
         return ShardMap(count, int(meta[b"epoch"]), tuple(shards))
 
     def exists(self) -> bool:

@@ -27,7 +27,7 @@ from gpu_tasks.fleet import FleetRegistry, GpuRecord
 from gpu_tasks.lease import Holder
 from gpu_tasks.settings import Settings
 from gpu_tasks.unacked import restore_unacked, unacked_keys
-from workers import control, ownership, runtime
+from workers import control, ownership, runtime, taskcounts
 from workers.consumption import CONSUMER, Consumption, bootstep
 from workers.runtime import DeviceRuntime, WorkerIdentity
 from workers.transport import TRANSPORT
@@ -48,7 +48,8 @@ def record_boot_failure(identity: WorkerIdentity, settings: Settings, reason: st
     record = GpuRecord(queue=identity.queue, worker=identity.worker, node=identity.node,
                        gpu_index=identity.gpu_index, backend=identity.backend, device_name="",
                        device_uuid="", total_bytes=0, heartbeat_s=settings.heartbeat_s,
-                       pid=os.getpid(), state="failed", error=reason)
+                       pid=os.getpid(), state="failed", error=reason,
+                       started_at=identity.started_at)
     try:
         FleetRegistry(settings.redis_client()).heartbeat(record)
     except Exception as exc:
@@ -105,13 +106,20 @@ def run_worker(
                                   **unacked_keys(identity.queue)},
         worker_consumer=CONSUMER,
         worker_proc_alive_timeout=settings.device_open_timeout_s,
+        # From the first task on where Flower watches (GPU_TASKS_TASK_EVENTS; `gpu-tasks
+        # up` sets it): Flower's own enable_events broadcast comes seconds after it starts
+        # and misses what ran before. In the conf, so `inspect conf` shows it.
+        worker_send_task_events=settings.task_events,
     )
     app.steps["consumer"].add(bootstep(consumption))
     control.install()
     install_executor()
+    counts = taskcounts.install(identity.queue)
+    counts.write_to(FleetRegistry(client))  # this process's own; each pool child resets it
 
     @signals.worker_process_init.connect(weak=False)
     def _open_device(**_: Any) -> None:
+        counts.reset()
         try:
             rt = DeviceRuntime(identity, settings, settings.redis_client())
         except Exception as exc:
@@ -121,7 +129,9 @@ def run_worker(
             reason = f"{type(exc).__name__}: {exc}"
             runtime.install(None, reason)
             record_boot_failure(identity, settings, reason)
+            counts.write_to(FleetRegistry(settings.redis_client()))
             return
+        rt.task_counts = counts
         runtime.install(rt)
         rt.start_heartbeat()
 

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,7 @@ from workers import kernels, ownership
 from workers.backend import Backend, Buffer, DevicePoisoned, create_backend
 from workers.ledger import BufferLedger
 from workers.store import BufferStore
+from workers.taskcounts import TaskCounts
 
 EXIT_CONTEXT_POISONED = 75
 """Exit status of a pool child ended after a poisoned device context (EX_TEMPFAIL)."""
@@ -56,6 +57,9 @@ class WorkerIdentity:
     node: str
     gpu_index: int
     backend: str  # resolved: "pycuda" or "sim"
+    started_at: float = field(default_factory=time.time, compare=False)
+    """When the worker started: made in its main process before Celery starts, so every
+    pool child it forks (a fresh one after a poisoned context too) reports the same time."""
 
     @property
     def queue(self) -> str:
@@ -171,7 +175,8 @@ class DeviceRuntime:
         table = ownership.table
         if table is not None:
             self.store.version_of = table.version
-        self.started_at = time.time()
+        self.task_counts: TaskCounts | None = None
+        """This process's task counts, added to Redis with each heartbeat (set by the boot)."""
         self.ending: str | None = None
         """Why this child must end after the task at hand (a poisoned context), or None."""
         self._seen_epoch = -2
@@ -219,12 +224,27 @@ class DeviceRuntime:
             pid=os.getpid(),
             state=state,
             error=error,
-            started_at=self.started_at,
+            started_at=self.identity.started_at,
             **totals,
         )
 
+    def heartbeat(self, state: str = "running") -> None:
+        """Write this GPU's record and add the task counts gathered since the last beat, in
+        one round trip (a transaction: the counts are added once or, on failure, kept for
+        the next beat)."""
+        counts = self.task_counts.take() if self.task_counts is not None else {}
+        pipe = self.client.pipeline(transaction=True)
+        self.fleet.heartbeat(self.record(state=state), pipe)
+        self.fleet.add_task_counts(self.identity.queue, counts, pipe)
+        try:
+            pipe.execute()
+        except BaseException:
+            if self.task_counts is not None:
+                self.task_counts.put_back(counts)
+            raise
+
     def start_heartbeat(self) -> None:
-        self.fleet.heartbeat(self.record())
+        self.heartbeat()
         self._beat = threading.Thread(
             target=self._beat_loop, name="gpu-tasks-heartbeat", daemon=True
         )
@@ -233,14 +253,14 @@ class DeviceRuntime:
     def _beat_loop(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_s):
             try:
-                self.fleet.heartbeat(self.record())
+                self.heartbeat()
             except Exception as exc:  # Redis away: keep serving, say so, try again next beat
                 log.warning("heartbeat failed: %s", exc)
 
     def stop(self) -> None:
         self._stop.set()
         try:
-            self.fleet.heartbeat(self.record(state="stopped"))
+            self.heartbeat(state="stopped")
         except Exception as exc:
             log.warning("could not record the stop in the fleet registry: %s", exc)
         self.backend.close()
