@@ -2,7 +2,7 @@
 
 ``gpu-tasks up`` runs one; the test suite runs one per session. Every process
 is started the way an operator would start it (``gpu-tasks worker --gpu I``,
-``celery flower``), in its own process group so :meth:`LocalCluster.stop` can
+``gpu-tasks flower``), in its own process group so :meth:`LocalCluster.stop` can
 take down each one with everything it forked, leaving nothing running.
 """
 
@@ -22,6 +22,7 @@ from typing import IO
 
 from gpu_tasks.errors import GpuTasksError
 from gpu_tasks.fleet import FleetRegistry
+from gpu_tasks.flower import AUTH_SETTING, FlowerAuth, parse_basic_auth, session_auth
 from gpu_tasks.lease import LeaseStore
 from gpu_tasks.redis_server import RedisServer, free_port
 from gpu_tasks.routing import gpu_queue
@@ -87,11 +88,18 @@ class LocalCluster:
                 f"a cluster needs at least one GPU, not {gpus}"
                 + (" (nvidia-smi lists no GPU on this host; try --backend sim)"
                    if backend == "pycuda" else ""))
-        self.settings = settings
+        # With Flower watching, workers send task events from their first request on:
+        # Flower would switch them on only seconds after it starts, and `up`'s demo
+        # would be over by then, never shown.
+        self.settings = settings.replace(task_events=True) if flower else settings
         self.gpus = gpus
         self.backend = backend
         self.want_flower = flower
         self.flower_port = flower_port
+        self.flower_auth: FlowerAuth | None = None
+        """Flower's credentials: the settings' (``GPU_TASKS_FLOWER_BASIC_AUTH``), or a
+        password made for this run and written to :attr:`flower_credentials_file`."""
+        self.flower_credentials_file: Path | None = None
         self.log_dir = Path(log_dir or Path(settings.data_dir) / "logs").resolve()
         self.redis: RedisServer | None = None
         self.workers: list[Process] = []
@@ -145,18 +153,22 @@ class LocalCluster:
         )
 
     def start_flower(self) -> None:
+        """``gpu-tasks flower`` on loopback, with the settings' credentials or, where there
+        are none, a random password for this run in ``<data_dir>/flower-credentials``."""
         self.flower_port = self.flower_port or free_port()
-        self.flower = self._spawn(
+        if self.settings.flower_basic_auth:
+            self.flower_auth = FlowerAuth(parse_basic_auth(self.settings.flower_basic_auth),
+                                          AUTH_SETTING)
+        else:
+            self.flower_auth, self.flower_credentials_file = session_auth(
+                self.settings.data_dir)
+        # The credentials travel in the environment, never on a command line (`ps`).
+        settings = self.settings.replace(flower_basic_auth=self.flower_auth.basic_auth)
+        self.flower = spawn(
             "flower",
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "--app=gpu_tasks.app",
-                "flower",
-                "--address=127.0.0.1",
-                f"--port={self.flower_port}",
-            ],
+            gpu_tasks_command("flower", f"--port={self.flower_port}", "--address=127.0.0.1"),
+            settings.child_env(),
+            self.log_dir,
         )
 
     def wait_ready(self, timeout_s: float) -> None:

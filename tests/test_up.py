@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shelve
 import signal
 import socket
 import subprocess
@@ -28,7 +29,20 @@ def test_up_once_runs_the_demo_and_leaves_nothing_running(tmp_path: Path) -> Non
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert "180 requests, 30 entities, 3 GPUs: every entity stayed on one GPU" in out
-    assert re.search(r"Flower:\s+http://127\.0\.0\.1:\d+", out)
+    # With a password of its own, in a file only this user reads; named, never printed
+    creds = (tmp_path / "state" / "flower-credentials").resolve()
+    assert re.search(r"Flower:\s+http://127\.0\.0\.1:\d+ \(user gpu-tasks; password in "
+                     + re.escape(str(creds)) + r"\)", out)
+    assert creds.stat().st_mode & 0o777 == 0o600
+    password = creds.read_text().strip().split(":", 1)[1]
+    assert len(password) >= 16 and password not in out + done.stderr
+    assert not any(password in log.read_text(errors="replace")
+                   for log in (tmp_path / "state" / "logs").glob("*.log"))
+    # And Flower saw the demo's requests (workers send task events from the first one)
+    # and kept them in its history on disk
+    with shelve.open(str(tmp_path / "state" / "flower.db"), flag="r") as history:
+        shown = {t.name for t in history["events"].tasks.values()}
+    assert "gpu_tasks.alloc" in shown
     assert "\x1b[" not in out and "sending" not in out  # piped: no colours, no progress bar
     redis_port = int(re.search(r"Redis:\s+redis://127\.0\.0\.1:(\d+)/0", out).group(1))
     assert redis_port != DEFAULT_PORT  # its own server, not the system one

@@ -30,12 +30,14 @@ from celery.worker.consumer import Consumer
 from vine import promise
 
 from gpu_tasks.errors import ShardMapError
+from gpu_tasks.fleet import FleetRegistry
 from gpu_tasks.lease import Holder, LeaseStore, Renewal
 from gpu_tasks.routing import shard_name
 from gpu_tasks.settings import Settings
 from gpu_tasks.shardmap import ShardMapStore
 from workers.fence import Fence, View
 from workers.ownership import OwnershipTable
+from workers.stats import device_stats, registry_client
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class Consumption:
         self.owned: list[int] = []
         self._timer: Any = None
         self._redis_down_since: float | None = None
+        self._registry: FleetRegistry | None = None
 
     # -- the lease -------------------------------------------------------------------
 
@@ -95,6 +98,14 @@ class Consumption:
         if self._timer is not None:
             c.timer.cancel(self._timer)
             self._timer = None
+
+    # -- inspect stats ---------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """This GPU's device and shards for ``inspect stats`` (:mod:`workers.stats`)."""
+        if self._registry is None:
+            self._registry = FleetRegistry(registry_client(self.settings.require_redis_url()))
+        return device_stats(self.gpu, self._registry, shards=len(self.owned), epoch=self.epoch)
 
     # -- every map_poll_s ------------------------------------------------------------
 
@@ -203,6 +214,10 @@ def bootstep(consumption: Consumption) -> type[bootsteps.StartStopStep]:
         def shutdown(self, c: Consumer) -> None:
             consumption.stop(c)
             consumption.release_lease()
+
+        def info(self, c: Consumer) -> dict[str, Any]:
+            # Celery merges this into `inspect stats`, which Flower's worker page shows.
+            return consumption.stats()
 
     return ShardConsumption
 
