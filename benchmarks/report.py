@@ -34,7 +34,7 @@ from benchmarks.common import (
     now_utc,
 )
 
-BENCHMARKS = ("router", "drain", "e2e", "fleet", "producer")
+BENCHMARKS = ("router", "drain", "e2e", "fleet", "producer", "status")
 QUICK_ARGS: dict[str, list[str]] = {
     "router": ["--calls", "20000", "--repeats", "5", "--messages", "300", "--pairs", "5"],
     "drain": ["--tasks", "300", "--rounds", "5", "--warmup", "50"],
@@ -42,6 +42,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "fleet": ["--handoffs", "2", "--quiet-s", "1", "--failover-runs", "1"],
     "producer": ["--messages", "300", "--pairs", "3", "--bulk", "20000", "--rounds", "2",
                  "--redis-requests", "100000", "--batch-lines", "5000", "--verify", "200"],
+    "status": ["--messages", "100000", "--repeats", "5"],
 }
 
 
@@ -347,6 +348,31 @@ def _producer(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _status(r: dict[str, Any]) -> list[str]:
+    t = next(iter(r["targets"].values()))
+    return [
+        "## Status at scale (`benchmarks/status.py`)",
+        "",
+        f"{r['gpus']} GPUs, S = {r['shard_count']}, {r['queued']:,} requests queued (two GPUs "
+        "with work and no consumer, which the snapshot must flag); one "
+        "`gpu_tasks.status.snapshot` per call, as `gpu-tasks status` and the exporter take it.",
+        "",
+        "| figure | value | target | result |",
+        "|---|---|---|---|",
+        f"| first snapshot (notes every queue's oldest message) | {r['snapshot_first_ms']} ms "
+        "| | |",
+        f"| later snapshots | {_spread(r['snapshot_ms'], '.1f', ' ms')} | | |",
+        f"| slowest snapshot, the first included | {t['value']['median']:.1f} ms | ≤ 100 ms | "
+        f"{_verdict(t['pass'])} |",
+        f"| of which the one Lua read of every queue | "
+        f"{_spread(r['read_queues_ms'], '.1f', ' ms')} | | |",
+        f"| `gpu-tasks status` in-process (snapshot and table, piped) | "
+        f"{_spread(r['status_command_ms'], '.1f', ' ms')} | | |",
+        f"| one exporter scrape | {_spread(r['exporter_scrape_ms'], '.1f', ' ms')} | | |",
+        "",
+    ]
+
+
 def markdown(results: dict[str, dict[str, Any]], commands: dict[str, str],
              failures: dict[str, int], date: str) -> str:
     lines = [
@@ -372,7 +398,7 @@ def markdown(results: dict[str, dict[str, Any]], commands: dict[str, str],
         lines.append("")
     lines += _summary(results)
     sections = {"router": _router, "drain": _drain, "e2e": _e2e, "fleet": _fleet,
-                "producer": _producer}
+                "producer": _producer, "status": _status}
     for name, result in results.items():
         lines += sections[name](result)
     return "\n".join(lines).rstrip() + "\n"
