@@ -10,6 +10,7 @@
      +-- BrokerUnavailable  Redis did not answer in time; nothing was enqueued (or, for a
      |                      result, nothing was read): also a kombu OperationalError
      +-- BatchError         a batch cannot run now (another run holds its lock)
+     +-- DeadLetterError    a dead letter is not there, or cannot be sent again
      +-- DeviceError        raised by a GPU worker; travels back through Celery's result
           +-- BadRequest       a request field is wrong (the field is named)
           +-- OutOfMemory      the GPU (or the entity's quota) cannot hold the allocation
@@ -33,6 +34,7 @@ __all__ = [
     "BrokerUnavailable",
     "ConfigError",
     "ContextPoisoned",
+    "DeadLetterError",
     "DeviceError",
     "EntityStateLost",
     "GpuTasksError",
@@ -95,6 +97,19 @@ class BrokerUnavailable(GpuTasksError, OperationalError):
 
 class BatchError(GpuTasksError):
     """A batch cannot be run now, e.g. another run of the same batch holds its lock."""
+
+
+class DeadLetterError(GpuTasksError):
+    """A dead letter (:mod:`gpu_tasks.deadletter`) is not there, or cannot be sent again
+    (it was kept truncated, or it still fails the worker's checks). ``letter_id`` says
+    which."""
+
+    def __init__(self, message: str, letter_id: str = "") -> None:
+        super().__init__(message, letter_id)
+
+    @property
+    def letter_id(self) -> str:
+        return str(self.args[1]) if len(self.args) > 1 else ""
 
 
 class DeviceError(GpuTasksError):

@@ -98,7 +98,16 @@ class Settings:
     """How long ``gpu-tasks batch`` remembers which lines of a batch it sent: re-running the
     same batch within this sends nothing twice."""
     max_message_bytes: int = 16 << 20
-    """Largest request ``gpu-tasks batch`` and ``gpu_tasks.bulk`` send (the encoded message)."""
+    """Largest request ``gpu-tasks batch`` and ``gpu_tasks.bulk`` send (the encoded message);
+    GPU workers dead-letter larger ones."""
+    # -- poison messages (gpu_tasks.deadletter); GPU workers also refuse messages over
+    # max_message_bytes, dead-lettering them.
+    max_nesting: int = 64
+    """Deepest nesting of arrays and objects a GPU worker accepts in a message (envelope or
+    body); deeper ones are dead-lettered before anything recurses over them."""
+    max_child_deaths: int = 3
+    """A request whose execution ends the worker's pool child this many times is
+    dead-lettered instead of being run again."""
     device_open_timeout_s: float = 120.0
     """How long a GPU worker waits for a new pool child to open its device (cuInit, the
     context, the checks) before killing and replacing it; Celery's 4 s default is too short
@@ -129,6 +138,19 @@ class Settings:
     (``gpu-tasks up`` does, when it starts Flower): Flower switches events on itself only
     every few seconds after it starts, missing what ran before. Costs each request about
     as much as a trivial task."""
+    # -- Limits on what one request or one entity may ask of a GPU worker (each refusal is a
+    # BadRequest naming the field, or a RoutingError at submit time for the entity id).
+    max_read_bytes: int = 64 << 20
+    """Most data one ``read`` returns as ``data_b64`` (the result travels through Redis, and
+    is held several times over while it is encoded); read a larger buffer in parts with
+    ``offset``/``count``."""
+    max_read_values: int = 1_000_000
+    """Most elements one ``read`` with ``as_list`` returns: a Python list costs a worker
+    tens of bytes per element on top of its JSON."""
+    max_buffers_per_entity: int = 1024
+    """Most buffers one entity may hold on a GPU (its bytes: ``entity_memory_bytes``)."""
+    max_entity_id_chars: int = 1024
+    """Longest entity id producers send and GPU workers accept, in characters."""
     flower_basic_auth: str = field(default="", repr=False)
     """``USER:PASSWORD`` (several: comma-separated) that ``gpu-tasks flower`` requires for
     Flower's pages and REST API. A secret: never printed, logged or shown in ``repr``."""
@@ -155,7 +177,9 @@ class Settings:
                      "sim_memory_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
-        for name in ("max_backlog", "batch_record_ttl_s", "max_message_bytes"):
+        for name in ("max_backlog", "batch_record_ttl_s", "max_message_bytes", "max_nesting",
+                     "max_child_deaths", "max_read_bytes", "max_read_values",
+                     "max_buffers_per_entity", "max_entity_id_chars"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
         for name in ("entity_idle_s", "spill_memory_bytes", "entity_memory_bytes"):
@@ -234,6 +258,7 @@ def redacted_url(url: str) -> str:
 # Sizes take units ("512MiB"), so their variables drop the _BYTES of the field name.
 _ENV_NAMES = {"sim_memory_bytes": "GPU_TASKS_SIM_MEMORY",
               "max_message_bytes": "GPU_TASKS_MAX_MESSAGE",
+              "max_read_bytes": "GPU_TASKS_MAX_READ",
               "entity_memory_bytes": "GPU_TASKS_ENTITY_MEMORY",
               "spill_memory_bytes": "GPU_TASKS_SPILL_MEMORY"}
 
@@ -243,9 +268,10 @@ def env_name(field_name: str) -> str:
     return _ENV_NAMES.get(field_name, ENV_PREFIX + field_name.upper())
 
 
-_INT_FIELDS = {"shard_count", "max_backlog"}
+_INT_FIELDS = {"shard_count", "max_backlog", "max_nesting", "max_child_deaths",
+               "max_read_values", "max_buffers_per_entity", "max_entity_id_chars"}
 _SIZE_FIELDS = {"sim_memory_bytes", "entity_memory_bytes", "spill_memory_bytes",
-                "max_message_bytes"}
+                "max_message_bytes", "max_read_bytes"}
 _BOOL_FIELDS = {"fault_injection", "task_events"}
 _FLOAT_FIELDS = {"entity_idle_s", "lease_ttl_s", "map_poll_s", "heartbeat_s",
                  "redis_timeout_s", "device_open_timeout_s", "failover_after_s",

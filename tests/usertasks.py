@@ -74,3 +74,9 @@ def step(gpu: Any, log: str, seq: int) -> dict[str, Any]:
     gpu.write("counter", [seq])
     executions_client().rpush(log, f"{gpu.entity_id}:{seq}:{previous}")
     return {"previous": previous}
+
+
+@gpu_task(name="tests.die")
+def die(gpu: Any) -> None:
+    """End the pool child running it, every time: a request that would kill every child."""
+    os._exit(9)

@@ -30,7 +30,7 @@ from gpu_tasks.unacked import restore_unacked, unacked_keys
 from workers import control, ownership, runtime, taskcounts
 from workers.consumption import CONSUMER, Consumption, bootstep
 from workers.runtime import DeviceRuntime, WorkerIdentity
-from workers.transport import TRANSPORT
+from workers.transport import TRANSPORT, Guard, install_guard
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,33 @@ def record_boot_failure(identity: WorkerIdentity, settings: Settings, reason: st
         FleetRegistry(settings.redis_client()).heartbeat(record)
     except Exception as exc:
         log.warning("could not record the failed start in the fleet registry: %s", exc)
+
+
+def record_fatal_exit(identity: WorkerIdentity, settings: Settings, reason: str) -> None:
+    """Mark this GPU's record ``failed`` with ``reason`` (the worker is exiting on an
+    unrecoverable error), keeping what it says about the device; best effort."""
+    try:
+        registry = FleetRegistry(settings.redis_client())
+        record = registry.get(identity.queue)
+        if record is None:
+            record_boot_failure(identity, settings, reason)
+            return
+        record.state, record.error = "failed", reason
+        registry.heartbeat(record)
+    except Exception as exc:
+        log.warning("could not record the worker's failure in the fleet registry: %s", exc)
+
+
+class FatalErrors(logging.Handler):
+    """Keeps what Celery logs as it gives up (``Unrecoverable error: ...``), so the worker
+    exits non-zero and the fleet registry (`gpu-tasks status`) says why."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.CRITICAL)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def install_executor() -> None:
@@ -111,6 +138,9 @@ def run_worker(
         # and misses what ran before. In the conf, so `inspect conf` shows it.
         worker_send_task_events=settings.task_events,
     )
+    # What the transport accepts; app.tasks is the live registry (users' imports included).
+    install_guard(Guard(max_bytes=settings.max_message_bytes, max_nesting=settings.max_nesting,
+                        max_child_deaths=settings.max_child_deaths, tasks=app.tasks))
     app.steps["consumer"].add(bootstep(consumption))
     control.install()
     install_executor()
@@ -155,8 +185,18 @@ def run_worker(
         without_gossip=True,
         without_mingle=True,
     )
+    fatal = FatalErrors()
+    celery_log = logging.getLogger("celery.worker.worker")  # where Celery logs giving up
+    celery_log.addHandler(fatal)
     try:
         worker.start()
     finally:
+        celery_log.removeHandler(fatal)
         consumption.release_lease()
-    return int(worker.exitcode or 0)
+    code = int(worker.exitcode or 0)
+    if fatal.messages:
+        # Whatever Celery's exit code says, this worker stopped on a fault: systemd's
+        # Restart=on-failure must restart it, and `gpu-tasks status` must say why.
+        record_fatal_exit(identity, settings, fatal.messages[-1])
+        code = code or 1
+    return code

@@ -15,6 +15,13 @@ A GPU worker consumes one queue per shard it owns (1024 on a one-GPU host), so:
 - **Put back at the head.** A requeued message (``reject(requeue=True)``, a restore
   at shutdown) goes back to the head of its queue, not the tail: a shard's order is
   its entities' order.
+- **Poison is dead-lettered, never decoded.** Each popped message is checked as raw bytes
+  (:func:`gpu_tasks.deadletter.check_message`) before kombu parses it: what would end the
+  worker, loop it, or be unpickled / decompressed goes to the dead letters with the
+  reason, and the worker goes on. So does a request whose execution ended the pool child
+  ``max_child_deaths`` times. A good message costs a size check, its envelope parsed once
+  (kombu's own parse, done here instead), a few dict lookups, its body's base64 decoded
+  once more and its body parsed here instead of in the fence: no Redis call.
 - **Unacknowledged messages per GPU.** Each GPU keeps its own unacked keys
   (:mod:`gpu_tasks.unacked`), so what a dead worker had taken is put back at once by its
   successor or by failover, instead of after the visibility timeout.
@@ -26,15 +33,45 @@ import contextlib
 import json
 import logging
 import time
+from dataclasses import dataclass
+from queue import Empty
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads as kombu_loads
 
+from gpu_tasks.deadletter import Checked, DeadLetter, DeadLetterStore, check_message
 from gpu_tasks.errors import ConfigError
 from gpu_tasks.unacked import SOURCE, mark_redelivered, source_queue
 
 log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class Guard:
+    """What a GPU worker accepts (its settings, and the tasks it has registered)."""
+
+    max_bytes: int = 16 << 20
+    max_nesting: int = 64
+    max_child_deaths: int = 3
+    tasks: Any = None
+    """Registered task names (anything with ``in``); None accepts any name."""
+
+    def check(self, raw: bytes) -> Checked:
+        return check_message(raw, max_bytes=self.max_bytes, max_nesting=self.max_nesting,
+                             tasks=self.tasks, loads=kombu_loads)
+
+
+_guard = Guard()
+
+
+def install_guard(guard: Guard) -> None:
+    """Set what this process's GPU transport accepts (the worker's boot, before Celery
+    starts: kombu builds the transport from its name, so it cannot be handed one)."""
+    global _guard
+    _guard = guard
+
 
 def _bulk(arg: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(arg), arg)
@@ -44,11 +81,36 @@ class GpuQoS(kombu_redis.QoS):  # type: ignore[misc]
     """kombu's ack emulation, requeueing at the head of the message's source queue."""
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        if requeue:
+        # Celery requeues a request when its pool child died running it
+        # (task_reject_on_worker_lost): one that kills every child would otherwise come
+        # back at the head forever, so past max_child_deaths it is dead-lettered.
+        if requeue and not self._dead_letter_if_deadly(delivery_tag):
             self.restore_by_tag(delivery_tag, leftmost=False)  # RPUSH: the head
-        else:
+        elif not requeue:
             self._remove_from_indices(delivery_tag).execute()
         virtual.QoS.ack(self, delivery_tag)
+
+    def _dead_letter_if_deadly(self, delivery_tag: str) -> bool:
+        message = self._delivered.get(delivery_tag)
+        task_id = (getattr(message, "headers", None) or {}).get("id")
+        if message is None or not isinstance(task_id, str):
+            return False
+        with self.channel.conn_or_acquire() as client:
+            store = DeadLetterStore(client)
+            deaths = store.count_death(task_id)
+            if deaths < _guard.max_child_deaths:
+                return False
+            raw = message._raw
+            queue = source_queue(raw, message.delivery_info.get("routing_key")) or ""
+            letter = DeadLetter.of(json.dumps(raw).encode(), queue,
+                                   f"its execution ended the pool child {deaths} times "
+                                   "(GPU_TASKS_MAX_CHILD_DEATHS)", raw)
+            log.error("%s %s dead-lettered: %s", letter.task, task_id, letter.reason)
+            pipe = client.pipeline(transaction=True)
+            store.add(letter, pipe)
+            self._remove_from_indices(delivery_tag, pipe)
+            pipe.execute()
+        return True
 
     def settle(self, message: Any, queue: str | None, *, head: bool) -> None:
         """Put ``message`` on ``queue`` (at its head, or its tail as if newly sent) and
@@ -78,10 +140,23 @@ class _Rotation:
             self.channel._brpop_next = position + 1
 
 
+class GpuMessage(virtual.Message):  # type: ignore[misc]
+    """kombu's message, taking the body its channel already parsed while checking it."""
+
+    def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
+        super().__init__(payload, channel=channel, **kwargs)
+        checked = getattr(channel, "_checked", None)
+        if checked is not None and checked.payload is payload:
+            self._decoded_cache = checked.body
+
+
 class GpuChannel(kombu_redis.Channel):  # type: ignore[misc]
     """kombu's Redis channel with a prepacked, rotating BRPOP (see the module docstring)."""
 
     QoS = GpuQoS
+    Message = GpuMessage
+    _checked: Checked | None = None
+    """The message being delivered, as :meth:`_brpop_read` checked it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._brpop_dirty = True
@@ -141,6 +216,58 @@ class GpuChannel(kombu_redis.Channel):  # type: ignore[misc]
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]
         self.client.connection.send_packed_command([command])
+
+    def _brpop_read(self, **options: Any) -> bool:
+        """kombu's, with the popped bytes checked before anything parses them (see the
+        module docstring)."""
+        try:
+            try:
+                dest_item = self.client.parse_response(self.client.connection, "BRPOP",
+                                                       **options)
+            except self.connection_errors:
+                # As kombu: disconnect, so that the next poll reconnects.
+                self.client.connection.disconnect()
+                raise
+            if not dest_item:
+                raise Empty()
+            dest, item = dest_item
+            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            raw = item if isinstance(item, bytes) else str(item).encode("utf-8")
+            checked = _guard.check(raw)
+            if checked.reason:
+                self._dead_letter(raw, dest, checked.reason, checked.payload)
+                return True
+            # The body was decoded and parsed to check it: the message kombu builds from
+            # this envelope (at once, in _deliver) takes both, so neither is done twice.
+            self._checked = checked
+            self.connection._deliver(checked.payload, dest)
+            return True
+        finally:
+            self._checked = None
+            self._in_poll = None  # type: ignore[assignment]
+            flush = getattr(self, "_flush_brpop_reauth", None)  # kombu >= 5.7
+            if flush is not None:
+                flush()
+
+    def decode_body(self, body: Any, encoding: str | None = None) -> Any:
+        checked = self._checked
+        if checked is not None and body is checked.payload.get("body"):
+            return checked.body_bytes  # base64-decoded already, while checking it
+        return super().decode_body(body, encoding)
+
+    def _dead_letter(self, raw: bytes, queue: str, reason: str, payload: Any) -> None:
+        letter = DeadLetter.of(raw, queue, reason, payload)
+        log.error("dead-lettered a message from %s (%d bytes, task %s %s): %s", queue,
+                  len(raw), letter.task, letter.task_id, reason)
+        try:
+            with self.conn_or_acquire() as client:
+                DeadLetterStore(client).add(letter)
+        except Exception as exc:
+            # Never end the worker over a message it refused. It is off its queue already
+            # and Redis is failing, so the log keeps it.
+            log.error("could not store the dead letter (%s); its first bytes: %r", exc,
+                      raw[:2048])
 
     def _do_restore_message(self, payload: Any, exchange: str, routing_key: str,
                             pipe: Any, leftmost: bool = False) -> None:

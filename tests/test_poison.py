@@ -1,0 +1,285 @@
+"""No message kills a GPU worker: garbage, wrong protocols, pickle, compression bombs, huge
+or deeply nested messages, and requests that kill the pool child are dead-lettered, and
+the good requests around them run."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import gzip
+import json
+import os
+import pickle
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import redis
+from kombu.exceptions import DecodeError
+
+from gpu_tasks.cluster import LocalCluster
+from gpu_tasks.deadletter import DeadLetter, DeadLetterStore, check_message
+from gpu_tasks.redis_server import RedisServer
+from gpu_tasks.routing import shard_index, shard_name
+from gpu_tasks.settings import Settings
+from gpu_tasks.tasks import alloc
+from tests.conftest import NODE, _spare_dbs, gpu_tasks_cli, own_cluster, wait_until
+from tests.messages import raw_task_message
+
+TIMEOUT = 30
+GPU = f"gpu.{NODE}.0"
+MAX_MESSAGE = 4 << 20
+"""The private cluster's GPU_TASKS_MAX_MESSAGE: above the zip bomb, below the random blob."""
+
+
+class Plant:
+    """Unpickled, it creates ``path``: proof that a pickle was (never) executed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.path), "w"))
+
+
+@pytest.fixture(scope="module")
+def poisoned(settings: Settings, redis_server: RedisServer,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """One private one-GPU cluster for the whole module: every test leaves it serving (that
+    is what they check), and looks only at its own dead letters."""
+    url = f"redis://127.0.0.1:{redis_server.port}/{next(_spare_dbs)}"
+    redis.Redis.from_url(url).flushdb()
+    with own_cluster(settings, url, tmp_path_factory.mktemp("poison"), gpus=1,
+                     max_message_bytes=MAX_MESSAGE, max_child_deaths=2) as cluster:
+        yield cluster
+
+
+def client_of(cluster: LocalCluster) -> redis.Redis:
+    return redis.Redis.from_url(str(cluster.settings.redis_url))
+
+
+def envelope(queue: str, **changes: Any) -> dict[str, Any]:
+    """A good alloc message for ``queue``'s entity, as a dict to spoil."""
+    _task_id, raw = raw_task_message("gpu_tasks.alloc", {"entity_id": "poison", "name": "x",
+                                                         "shape": [1]}, queue)
+    payload: dict[str, Any] = json.loads(raw)
+    for path, value in changes.items():
+        *parents, last = path.split("__")
+        target = payload
+        for p in parents:
+            target = target[p]
+        if value is _DROP:
+            del target[last]
+        else:
+            target[last] = value
+    return payload
+
+
+_DROP = object()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def nested(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def bad_messages(queue: str, planted: Path) -> list[tuple[str, bytes, str]]:
+    """``(case, raw bytes, what the dead letter's reason says)`` for ``queue``."""
+    good = json.dumps(envelope(queue)).encode()
+
+    def spoiled(**changes: Any) -> bytes:
+        return json.dumps(envelope(queue, **changes)).encode()
+
+    body = [[], {"entity_id": "poison", "name": "x", "shape": [1]}, {}]
+    bomb = zip_bomb()
+    return [
+        ("garbage", b"garbage", "not JSON"),
+        ("empty list", b"[]", "not a Celery envelope"),
+        ("null", b"null", "not a Celery envelope"),
+        ("number", b"123", "not a Celery envelope"),
+        ("truncated", good[: len(good) // 2], "not JSON"),
+        ("not utf-8", b"\xff\xfe\xfa" + good, "not UTF-8"),
+        ("body not a 3-list", spoiled(body=b64(b'{"a": 1}')), "[args, kwargs, embed]"),
+        ("body not json", spoiled(body=b64(b"\x80\x03}q")), "body is not UTF-8 JSON"),
+        ("body not base64", spoiled(body="abcde"), "not base64"),
+        ("garbage timelimit", spoiled(headers__timelimit="soon"), "timelimit"),
+        ("garbage eta", spoiled(headers__eta=[1, 2]), "headers.eta"),
+        ("garbage retries", spoiled(headers__retries="x"), "headers.retries"),
+        ("unknown body_encoding", spoiled(properties__body_encoding="rot13"),
+         "body_encoding"),
+        ("no headers.id", spoiled(headers__id=_DROP), "headers.id"),
+        ("no headers.task", spoiled(headers__task=_DROP), "headers.task"),
+        ("unknown task", spoiled(headers__task="gpu_tasks.nope"), "unknown task"),
+        ("no delivery_tag", spoiled(properties__delivery_tag=_DROP), "delivery_tag"),
+        ("no delivery_info", spoiled(properties__delivery_info=_DROP), "delivery_info"),
+        ("protocol 1", json.dumps({"body": b64(json.dumps({"task": "gpu_tasks.alloc",
+                                                           "id": "p1", "args": [],
+                                                           "kwargs": {}}).encode()),
+                                   "content-type": "application/json",
+                                   "properties": {}}).encode(), "no headers"),
+        ("pickle", spoiled(body=b64(pickle.dumps(Plant(planted))),
+                           **{"content-type": "application/x-python-serialize",
+                              "content-encoding": "binary"}), "content-type"),
+        ("yaml", spoiled(body=b64(b"- []\n- {}\n- {}\n"),
+                         **{"content-type": "application/x-yaml"}), "content-type"),
+        ("msgpack", spoiled(body=b64(b"\x93\x90\x80\x80"),
+                            **{"content-type": "application/x-msgpack"}), "content-type"),
+        ("gzip content-encoding", spoiled(**{"content-encoding": "gzip"}), "content-encoding"),
+        ("zip bomb", spoiled(body=b64(bomb), headers__compression="application/x-gzip"),
+         "compress"),
+        ("nesting bomb", spoiled(body=b64(json.dumps([[], {"entity_id": "poison",
+                                                          "deep": nested(600)}, {}]).encode())),
+         "body nests deeper than 64"),
+        ("deep headers", spoiled(headers__deep=nested(600)), "message nests deeper than 64"),
+        ("too big", os.urandom(MAX_MESSAGE + (1 << 20)), "over the"),
+        ("kwargs body ok, wrong embed", spoiled(body=b64(json.dumps([*body[:2], 7]).encode())),
+         "[args, kwargs, embed]"),
+    ]
+
+
+@functools.cache
+def zip_bomb() -> bytes:
+    """About 200 KB of gzip that would inflate to 200 MiB."""
+    return gzip.compress(b" " * (200 << 20), 9)
+
+
+def entity_of_shard(prefix: str, shard_count: int) -> tuple[str, str]:
+    return prefix, shard_name(shard_index(prefix, shard_count))
+
+
+def test_bad_messages_are_dead_lettered_and_the_worker_serves_on(
+        poisoned: LocalCluster, tmp_path: Path) -> None:
+    # Given a serving one-GPU worker
+    client = client_of(poisoned)
+    worker = psutil.Process(poisoned.workers[0].popen.pid)
+    planted = tmp_path / "pickle-was-executed"
+    entity, shard = entity_of_shard("poison-neighbour", poisoned.settings.shard_count)
+    assert alloc.apply_async(kwargs={"entity_id": entity, "name": "warm", "shape": [1]}).get(
+        TIMEOUT)
+    rss_before = worker.memory_info().rss
+    since = f"{client.time()[0] * 1000}-0"
+    # When every kind of bad message is pushed raw onto its shard queue and its GPU queue,
+    # each followed by a good request
+    sent, goods = [], []
+    for queue in (shard, GPU):
+        for case, raw, reason in bad_messages(queue, planted):
+            client.lpush(queue, raw)
+            sent.append((case, queue, raw, reason))
+            goods.append(alloc.apply_async(kwargs={"entity_id": entity, "name": f"g{len(goods)}",
+                                                   "shape": [1]}))
+    # Then every good request runs
+    for result in goods:
+        assert result.get(timeout=TIMEOUT)["gpu"] == GPU
+    # And every bad one is a dead letter with the reason, its source queue and its bytes
+    store = DeadLetterStore(client)
+    letters = wait_until(lambda: [x for x in store.list() if x.id > since] if len(
+        [x for x in store.list() if x.id > since]) >= len(sent) else None, timeout=TIMEOUT,
+        what=lambda: f"{len(store.list())} dead letters of {len(sent)}")
+    for case, queue, raw, reason in sent:
+        mine = [x for x in letters if x.queue == queue and x.raw == raw[:len(x.raw)]
+                and x.raw_bytes == len(raw)]
+        assert mine, f"{case} on {queue} was not dead-lettered"
+        assert reason in mine[0].reason, f"{case}: {mine[0].reason}"
+    big = next(x for x in letters if "over the" in x.reason)
+    assert big.truncated and len(big.raw) == 64 << 10
+    # And the worker never died, the zip bomb was never inflated, no pickle ever ran
+    assert poisoned.workers[0].alive() and worker.is_running()
+    assert worker.memory_info().rss - rss_before < 100 << 20
+    assert not planted.exists()
+    # And nothing was left on the queues
+    assert client.llen(shard) == 0 and client.llen(GPU) == 0
+
+
+def test_a_fixed_dead_letter_can_be_retried_and_a_truncated_one_cannot(
+        poisoned: LocalCluster) -> None:
+    client = client_of(poisoned)
+    env = {**os.environ, **poisoned.settings.to_env()}
+    entity, shard = entity_of_shard("poison-retry", poisoned.settings.shard_count)
+    task_id, good = raw_task_message("gpu_tasks.alloc", {"entity_id": entity, "name": "r",
+                                                         "shape": [2]}, shard)
+    broken = json.loads(good)
+    broken["properties"]["body_encoding"] = "rot13"
+    # Given a dead-lettered message, and a truncated one
+    client.lpush(shard, json.dumps(broken))
+    client.lpush(GPU, os.urandom(MAX_MESSAGE + 1))
+    store = DeadLetterStore(client)
+    letter = wait_until(lambda: next((x for x in store.list() if x.task_id == task_id), None),
+                        timeout=TIMEOUT)
+    huge = wait_until(lambda: next((x for x in store.list() if x.truncated
+                                    and x.raw_bytes == MAX_MESSAGE + 1), None), timeout=TIMEOUT)
+    listed = json.loads(gpu_tasks_cli("dlq", "list", "--json", env=env).stdout)
+    assert {letter.id, huge.id} <= {x["id"] for x in listed["letters"]}
+    shown = json.loads(gpu_tasks_cli("dlq", "show", letter.id, "--json", env=env).stdout)
+    assert shown["task_id"] == task_id and "body_encoding" in shown["reason"]
+    # When it is retried unchanged, it is refused and kept
+    refused = gpu_tasks_cli("dlq", "retry", letter.id, env=env)
+    assert refused.returncode == 1 and "still fails" in refused.stderr
+    # When it is fixed up and retried, it runs
+    fixed = store.replace_raw(letter.id, good.encode())
+    done = gpu_tasks_cli("dlq", "retry", fixed.id, env=env)
+    assert done.returncode == 0, done.stderr
+    from gpu_tasks.app import app
+
+    assert app.AsyncResult(task_id).get(timeout=TIMEOUT)["buffer"]["shape"] == [2]
+    assert all(x.id != fixed.id for x in store.list())
+    # And a truncated one is refused with the reason
+    truncated = gpu_tasks_cli("dlq", "retry", huge.id, env=env)
+    assert truncated.returncode == 1 and "truncated" in truncated.stderr
+    missing = gpu_tasks_cli("dlq", "show", "1-0", env=env)
+    assert missing.returncode == 1 and "no dead letter" in missing.stderr
+
+
+def test_a_request_that_keeps_killing_its_pool_child_is_dead_lettered(
+        poisoned: LocalCluster) -> None:
+    from tests import usertasks
+
+    # Given a request whose execution ends the pool child every time
+    main_pid = poisoned.workers[0].popen.pid
+    entity, _shard = entity_of_shard("poison-killer", poisoned.settings.shard_count)
+    killer = usertasks.die.apply_async(kwargs={"entity_id": entity})
+    # Then after max_child_deaths (2) children it is a dead letter, not run again
+    store = DeadLetterStore(client_of(poisoned))
+    letter = wait_until(lambda: next((x for x in store.list() if x.task_id == killer.id), None),
+                        timeout=TIMEOUT)
+    assert "ended the pool child 2 times" in letter.reason and letter.task == "tests.die"
+    # And the worker serves on, the same main process
+    done = alloc.apply_async(kwargs={"entity_id": entity, "name": "after", "shape": [1]})
+    assert done.get(timeout=TIMEOUT)["gpu"] == GPU
+    assert poisoned.workers[0].alive() and poisoned.workers[0].popen.pid == main_pid
+
+
+def test_a_pickled_result_is_never_unpickled(poisoned: LocalCluster, tmp_path: Path) -> None:
+    from gpu_tasks.app import app
+
+    # Given a result key holding a pickle that would create a file
+    planted = tmp_path / "pickle-was-executed"
+    task_id = str(uuid.uuid4())
+    client_of(poisoned).set(f"celery-task-meta-{task_id}", pickle.dumps(
+        {"status": "SUCCESS", "result": Plant(planted), "task_id": task_id}))
+    # When a producer reads it, JSON decoding refuses it (result_accept_content is json
+    # only), and the file never appears
+    with pytest.raises(DecodeError):
+        app.AsyncResult(task_id).get(timeout=5)
+    assert not planted.exists()
+
+
+def test_check_message_accepts_what_producers_send() -> None:
+    _task_id, raw = raw_task_message("gpu_tasks.alloc", {"entity_id": "e", "values":
+                                                         [[1, 2]] * 100}, "shard-1")
+    checked = check_message(raw.encode(), max_bytes=1 << 20, max_nesting=64,
+                            tasks={"gpu_tasks.alloc"})
+    assert checked.reason == "" and checked.body[1]["values"][0] == [1, 2]
+    # Brackets inside strings do not count as nesting
+    _task_id, raw = raw_task_message("gpu_tasks.alloc", {"entity_id": "[" * 500}, "shard-1")
+    assert check_message(raw.encode(), max_bytes=1 << 20, max_nesting=4).reason == ""
+    letter = DeadLetter.of(b"x" * 10, "shard-1", "why")
+    assert (letter.raw, letter.truncated) == (b"x" * 10, False)
