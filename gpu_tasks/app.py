@@ -140,7 +140,7 @@ def configure(settings: Settings) -> None:
     applying its flags. Safe before the app is first used."""
     global router
     _settings.use(settings)
-    router = EntityRouter(shard_count_reader(settings))
+    router = EntityRouter(shard_count_reader(settings), settings.max_entity_id_chars)
     app.conf.update(celery_config(settings, router))
     _drop_connections()
 

@@ -118,6 +118,7 @@ class Publisher:
         self.max_message_bytes = max_message_bytes
         app.loader.import_default_modules()  # users' tasks (GPU_TASKS_IMPORTS) are known
         self.shard_count = app.conf.task_routes[0].shard_count  # reads S once
+        self.max_entity_id_chars: int = app.conf.task_routes[0].max_entity_id_chars
         self._queues = [shard_name(i).encode() for i in range(self.shard_count)]
         self._specs: dict[str, TaskSpec] = {}
 
@@ -145,8 +146,9 @@ class Publisher:
             index = _xxh64(entity_id.encode()) % self.shard_count  # type: ignore[union-attr]
         except (AttributeError, UnicodeEncodeError):
             index = -1
-        if index < 0 or type(entity_id) is not str or not entity_id:
-            validate_entity_id(entity_id)  # raises, naming the problem
+        if index < 0 or type(entity_id) is not str or not entity_id or (
+                len(entity_id) > self.max_entity_id_chars):
+            validate_entity_id(entity_id, self.max_entity_id_chars)  # raises, naming it
         name = request.get("task")
         spec = self._specs.get(name) if type(name) is str else None  # type: ignore[arg-type]
         if spec is None:

@@ -27,6 +27,7 @@ from typing import Any
 
 import xxhash
 
+from gpu_tasks import settings as _settings
 from gpu_tasks.errors import RoutingError
 
 ENTITY_KWARG = "entity_id"
@@ -43,14 +44,24 @@ _GPU_QUEUE = re.compile(r"gpu\.([^.@\s]+)\.(0|[1-9][0-9]*)\Z")
 _SHARD_QUEUE = re.compile(r"shard-(0|[1-9][0-9]*)\Z")
 
 
-def validate_entity_id(entity_id: object) -> str:
-    """Return ``entity_id`` if it can be routed, else raise :class:`RoutingError`."""
+def validate_entity_id(entity_id: object, max_chars: int | None = None) -> str:
+    """Return ``entity_id`` if it can be routed, else raise :class:`RoutingError`.
+
+    ``max_chars``: the longest id accepted (default: the process's settings,
+    ``GPU_TASKS_MAX_ENTITY_ID_CHARS``)."""
     if not isinstance(entity_id, str):
         raise RoutingError(
-            f"entity_id must be a non-empty string, got {type(entity_id).__name__} {entity_id!r}"
+            f"entity_id must be a non-empty string, got {type(entity_id).__name__} "
+            f"{_shown(entity_id)}"
         )
     if not entity_id:
         raise RoutingError("entity_id must be a non-empty string, got ''")
+    limit = max_chars if max_chars is not None else _settings.current().max_entity_id_chars
+    if len(entity_id) > limit:
+        raise RoutingError(
+            f"entity_id has {len(entity_id)} characters; at most {limit} are accepted "
+            f"(GPU_TASKS_MAX_ENTITY_ID_CHARS), got {_shown(entity_id)}"
+        )
     try:
         entity_id.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -59,6 +70,12 @@ def validate_entity_id(entity_id: object) -> str:
             f"{exc.reason} at position {exc.start}"
         ) from None
     return entity_id
+
+
+def _shown(value: object) -> str:
+    """``repr(value)``, cut short: a refusal must not echo a megabyte of id back."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}...({len(text)} characters)"
 
 
 def shard_index(entity_id: str, shard_count: int) -> int:
@@ -137,11 +154,18 @@ class EntityRouter:
     on the first routed request, and S is kept for the life of the router.
     """
 
-    def __init__(self, shard_count: Callable[[], int]) -> None:
+    def __init__(self, shard_count: Callable[[], int], max_entity_id_chars: int | None = None
+                 ) -> None:
         self._read_shard_count = shard_count
+        self._max_chars = (max_entity_id_chars if max_entity_id_chars is not None
+                           else _settings.current().max_entity_id_chars)
         self._queues: tuple[str, ...] = ()
         self._count = 0
         self._lock = threading.Lock()
+
+    @property
+    def max_entity_id_chars(self) -> int:
+        return self._max_chars
 
     @property
     def shard_count(self) -> int:
@@ -155,7 +179,7 @@ class EntityRouter:
 
     def route(self, entity_id: object) -> Route:
         """Route one entity (raises :class:`RoutingError` for an unusable id)."""
-        eid = validate_entity_id(entity_id)
+        eid = validate_entity_id(entity_id, self._max_chars)
         return Route(eid, shard_index(eid, self.shard_count))
 
     def __call__(
@@ -168,11 +192,14 @@ class EntityRouter:
         **_: Any,
     ) -> str | None:
         # Runs on every apply_async: for the common case (an entity id, no queue given)
-        # it is a dict lookup, a hash and a tuple index.
+        # it is a dict lookup, a hash and a tuple index. The length limit costs one len()
+        # and a comparison (a few tens of ns); a too-long id takes the slow path, which
+        # names the problem.
         entity_id = kwargs.get(ENTITY_KWARG) if kwargs else None
         if (
             entity_id.__class__ is str
             and entity_id
+            and len(entity_id) <= self._max_chars
             and self._count
             and "queue" not in options
             and options.get("routing_key") is None
@@ -198,7 +225,7 @@ class EntityRouter:
         queue = _queue_option(options)
         if entity_id is not None:
             try:
-                eid = validate_entity_id(entity_id)
+                eid = validate_entity_id(entity_id, self._max_chars)
             except RoutingError as exc:
                 raise RoutingError(f"task {name}: {exc}; nothing was enqueued") from None
             index = shard_index(eid, self.shard_count)  # reads S on first use

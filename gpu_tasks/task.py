@@ -36,7 +36,7 @@ from typing import Any, Protocol, TypeVar, overload
 
 from celery import Task
 
-from gpu_tasks.errors import DeviceError
+from gpu_tasks.errors import BadRequest, DeviceError
 from gpu_tasks.routing import ENTITY_KWARG, QUEUE_ADDRESSED_TASK_NAMES, ROUTED_TASK_NAMES
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -64,6 +64,16 @@ def install_executor(executor: Executor | None,
 
 class _AfterTask:
     """Mixed into the task bases: Celery calls ``after_return`` once the result is stored."""
+
+    name: str
+
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
+        # Celery's own Task.__call__ (which the worker calls) names its first parameter
+        # ``self``: a request with a keyword argument of that name would fail there with a
+        # bare TypeError. No task body can take it, so it is refused here, as a BadRequest.
+        if "self" in kwargs:
+            raise BadRequest(f"bad arguments: {self.name} takes no argument 'self'", "self")
+        return super().__call__(*args, **kwargs)  # type: ignore[misc]
 
     def after_return(self, *args: Any, **kwargs: Any) -> None:
         if _after_task is not None:
@@ -136,11 +146,13 @@ def _declare(body: F, name: str | None, base: type[Task], entity: bool,
 
     flat = options.pop("flat_result", base.flat_result)
 
+    # ``self`` is positional-only, so that a keyword argument of that name reaches the
+    # executor, which answers it with a BadRequest naming the field.
     if entity:
-        def run(self: Task, *args: Any, entity_id: Any = None, **kwargs: Any) -> Any:
+        def run(self: Task, /, *args: Any, entity_id: Any = None, **kwargs: Any) -> Any:
             return _execute(self, body, entity_id, args, kwargs)
     else:
-        def run(self: Task, *args: Any, **kwargs: Any) -> Any:
+        def run(self: Task, /, *args: Any, **kwargs: Any) -> Any:
             return _execute(self, body, None, args, kwargs)
 
     run.__name__ = body.__name__

@@ -25,7 +25,10 @@ __all__ = ["alloc", "export_shard", "free", "import_shard", "read", "release_sha
 
 @gpu_task(name="gpu_tasks.alloc", flat_result=True)
 def alloc(gpu: Any, name: str, shape: list[int] | int, dtype: str = "float32") -> dict[str, Any]:
-    """A zeroed device buffer ``name`` owned by the entity (replacing one of that name)."""
+    """A zeroed device buffer ``name`` owned by the entity, replacing one of that name; a
+    replacement that fails (``OutOfMemory``, the entity's quota or buffer limit) leaves the
+    old buffer as it was. One entity holds at most ``GPU_TASKS_MAX_BUFFERS_PER_ENTITY``
+    buffers (1024) on a GPU: one more fails with ``BadRequest`` (field ``name``)."""
 
 
 @gpu_task(name="gpu_tasks.write", flat_result=True)
@@ -36,16 +39,33 @@ def write(
     data_b64: str | None = None,
     offset: int = 0,
     generation: int | None = None,
+    cast: str = "safe",
 ) -> dict[str, Any]:
     """Host -> device: ``values`` (a flat list) or ``data_b64`` (raw bytes of the buffer's
-    dtype, little-endian) written from element ``offset``."""
+    dtype, little-endian) written from element ``offset``.
+
+    ``cast="safe"`` (the default) refuses a value the buffer's dtype cannot hold with
+    ``BadRequest`` naming it, e.g. ``values[1] = nan cannot be stored in int32``: NaN,
+    infinity or a non-integral float into an integer dtype, an integer out of its range,
+    a float that would overflow a float dtype to infinity (70000 into float16).
+    ``cast="unsafe"`` stores numpy's cast instead (300 into uint8 is 44)."""
 
 
 @gpu_task(name="gpu_tasks.read", flat_result=True)
 def read(
-    gpu: Any, name: str, as_list: bool = False, generation: int | None = None
+    gpu: Any,
+    name: str,
+    as_list: bool = False,
+    generation: int | None = None,
+    offset: int = 0,
+    count: int | None = None,
 ) -> dict[str, Any]:
-    """Device -> host: ``dtype``, ``shape``, ``data_b64``, and ``values`` if ``as_list``."""
+    """Device -> host: ``dtype``, ``shape`` (the buffer's), ``offset``, ``count``,
+    ``data_b64``, and ``values`` (a flat list) if ``as_list``: elements ``[offset, offset +
+    count)`` of the flattened buffer (``count`` None: to its end). One read returns at most
+    ``GPU_TASKS_MAX_READ`` bytes (64 MiB), and with ``as_list`` at most
+    ``GPU_TASKS_MAX_READ_VALUES`` elements (1,000,000); a larger one fails with
+    ``BadRequest`` (field ``count``) saying how to read it in parts."""
 
 
 @gpu_task(name="gpu_tasks.free", flat_result=True)
@@ -54,10 +74,16 @@ def free(gpu: Any, name: str | None = None) -> dict[str, Any]:
 
 
 @gpu_task(name="gpu_tasks.run", flat_result=True)
-def run(gpu: Any, kernel: str, generation: int | None = None, **params: Any) -> dict[str, Any]:
+def run(gpu: Any, kernel: str, generation: int | None = None, cast: str = "safe",
+        **params: Any) -> dict[str, Any]:
     """Launch a named kernel on the entity's buffers: ``fill(out, value)``,
     ``scale(x, alpha, out=x)``, ``axpy(x, y, alpha=1)``, ``sum(x)``,
-    ``sgemm(a, b, c, alpha=1, beta=0)``; buffer parameters take buffer names."""
+    ``sgemm(a, b, c, alpha=1, beta=0)``; buffer parameters take buffer names.
+
+    Scalars are finite numbers computed in the buffer's dtype (``value`` in ``out``'s,
+    ``alpha`` in ``x``'s or ``y``'s, sgemm's in float32); with ``cast="safe"`` (the default)
+    one the dtype cannot hold fails with ``BadRequest`` naming it (fill of 300 into uint8,
+    scale of an int32 buffer by 1.5); ``cast="unsafe"`` uses numpy's cast instead."""
 
 
 @gpu_queue_task(name="gpu_tasks.stats")

@@ -269,10 +269,20 @@ def test_flower_keeps_its_task_history_across_a_restart(
     with own_flower(env, tmp_path / "logs", "--no-auth") as (url, _):
         flower = FlowerClient(url)  # no credentials: the REST API is open on loopback
         entity = "remembered"
-        task_id = alloc.apply_async(kwargs={"entity_id": entity, "name": "b",
-                                            "shape": [1]}).id
-        wait_until(lambda: flower.get("/api/tasks").json().get(task_id, {}).get("state")
-                   == "SUCCESS", timeout=20, interval=0.3)
+        sent: list[str] = []
+
+        def seen() -> str | None:
+            # Task events are broadcast: those sent before this Flower's receiver is
+            # listening are gone. So keep sending until one of ours shows as done.
+            tasks = flower.get("/api/tasks").json()
+            done = [t for t in sent if tasks.get(t, {}).get("state") == "SUCCESS"]
+            if done:
+                return done[0]
+            sent.append(alloc.apply_async(kwargs={"entity_id": entity, "name": "b",
+                                                  "shape": [1]}).id)
+            return None
+
+        task_id = wait_until(seen, timeout=30, interval=1.0)
     free.apply_async(kwargs={"entity_id": entity}).get(timeout=30)
     # When it has stopped, its history is on disk
     db = tmp_path / "gpu-tasks" / "flower.db"

@@ -96,6 +96,11 @@ class Backend(Protocol):
     def download(self, buf: Buffer) -> np.ndarray[Any, Any]:
         """The whole buffer as a host array of its dtype and shape."""
 
+    def download_range(self, buf: Buffer, offset: int, count: int) -> np.ndarray[Any, Any]:
+        """Elements ``[offset, offset + count)`` of the flattened buffer as a 1-D host array
+        (already checked against the buffer's size): a chunk of a large buffer is read
+        without copying the rest."""
+
     def fill(self, out: Buffer, value: float) -> None: ...
 
     def scale(self, x: Buffer, alpha: float, out: Buffer) -> None:

@@ -442,6 +442,13 @@ class CudaBackend:
                 _driver().memcpy_dtoh(out, int(buf.allocation))
         return out
 
+    def download_range(self, buf: Buffer, offset: int, count: int) -> np.ndarray[Any, Any]:
+        out: np.ndarray[Any, Any] = np.empty(count, buf.dtype)
+        if count:
+            with self._device(f"downloading part of buffer {buf.name!r}"):
+                _driver().memcpy_dtoh(out, int(buf.allocation) + offset * buf.dtype.itemsize)
+        return out
+
     # -- kernels ---------------------------------------------------------------
 
     def fill(self, out: Buffer, value: float) -> None:

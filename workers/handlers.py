@@ -17,7 +17,7 @@ import numpy as np
 from gpu_tasks import tasks
 from gpu_tasks.errors import BadRequest
 from workers import ownership, shardstate
-from workers.runtime import EntityContext, GpuContext
+from workers.runtime import EntityContext, GpuContext, element_range
 
 
 def alloc(gpu: EntityContext, name: Any, shape: Any, dtype: Any = "float32") -> dict[str, Any]:
@@ -32,6 +32,7 @@ def write(
     data_b64: Any = None,
     offset: Any = 0,
     generation: Any = None,
+    cast: Any = "safe",
 ) -> dict[str, Any]:
     if (values is None) == (data_b64 is None):
         raise BadRequest(
@@ -39,42 +40,61 @@ def write(
             "values" if values is None else "data_b64",
         )
     if values is not None:
-        if not isinstance(values, list) or any(
-            isinstance(v, bool) or not isinstance(v, (int, float)) for v in values
-        ):
+        if not isinstance(values, list):
             raise BadRequest("values must be a flat list of numbers", "values")
-        data: Any = values
-    else:
-        buf = gpu.buffer(name, generation)
-        if not isinstance(data_b64, str):
-            raise BadRequest("data_b64 must be a base64 string", "data_b64")
-        try:
-            raw = base64.b64decode(data_b64, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise BadRequest(f"data_b64 is not valid base64: {exc}", "data_b64") from None
-        if len(raw) % buf.dtype.itemsize:
-            raise BadRequest(
-                f"data_b64 holds {len(raw)} bytes, not a whole number of "
-                f"{buf.dtype.name} elements ({buf.dtype.itemsize} bytes each)",
-                "data_b64",
-            )
-        data = np.frombuffer(raw, dtype=buf.dtype.newbyteorder("<"))
-    buf = gpu.write(name, data, offset, generation)
-    count = len(values) if values is not None else int(data.size)
-    return {"buffer": buf.describe(), "written": count, "offset": offset}
+        buf = gpu.write(name, values, offset, generation, cast, "values")
+        return {"buffer": buf.describe(), "written": len(values), "offset": offset}
+    buf = gpu.buffer(name, generation)
+    if not isinstance(data_b64, str):
+        raise BadRequest("data_b64 must be a base64 string", "data_b64")
+    try:
+        raw = base64.b64decode(data_b64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadRequest(f"data_b64 is not valid base64: {exc}", "data_b64") from None
+    if len(raw) % buf.dtype.itemsize:
+        raise BadRequest(
+            f"data_b64 holds {len(raw)} bytes, not a whole number of "
+            f"{buf.dtype.name} elements ({buf.dtype.itemsize} bytes each)",
+            "data_b64",
+        )
+    # Raw bytes of the buffer's own dtype: every bit pattern is a value of it, so there is
+    # nothing to cast (cast is still checked, so a bad one is refused either way).
+    data = np.frombuffer(raw, dtype=buf.dtype.newbyteorder("<"))
+    buf = gpu.write(name, data, offset, generation, cast, "data_b64")
+    return {"buffer": buf.describe(), "written": int(data.size), "offset": offset}
 
 
-def read(gpu: EntityContext, name: Any, as_list: Any = False, generation: Any = None
-         ) -> dict[str, Any]:
-    host = gpu.read(name, generation)
+def read(gpu: EntityContext, name: Any, as_list: Any = False, generation: Any = None,
+         offset: Any = 0, count: Any = None) -> dict[str, Any]:
+    if not isinstance(as_list, bool):
+        raise BadRequest(f"as_list must be true or false, got {as_list!r}", "as_list")
+    buf = gpu.buffer(name, generation)
+    start, size = element_range(buf, offset, count)
+    settings = gpu.settings
+    # A result this large would be held several times over while it is encoded, and may
+    # be refused by Redis; the caller reads it in parts instead.
+    limit, what = settings.max_read_bytes // buf.dtype.itemsize, "GPU_TASKS_MAX_READ bytes"
+    if as_list and settings.max_read_values < limit:
+        limit, what = settings.max_read_values, "GPU_TASKS_MAX_READ_VALUES elements with as_list"
+    if size > limit:
+        raise BadRequest(
+            f"reading {size} elements of buffer {name!r} ({size * buf.dtype.itemsize} bytes "
+            f"of {buf.dtype.name}) is more than one read returns ({limit} elements: "
+            f"{what}); read it in parts with offset and count: offset={start}, "
+            f"count={limit}, then offset={start + limit}, and so on",
+            "count",
+        )
+    host = gpu.read(name, generation, start, size)
     result: dict[str, Any] = {
         "name": name,
         "dtype": host.dtype.name,
-        "shape": list(host.shape),
+        "shape": list(buf.shape),
+        "offset": start,
+        "count": size,
         "data_b64": base64.b64encode(host.astype(host.dtype.newbyteorder("<")).tobytes()).decode(),
     }
     if as_list:
-        result["values"] = host.reshape(-1).tolist()
+        result["values"] = host.tolist()
     return result
 
 
@@ -83,8 +103,9 @@ def free(gpu: EntityContext, name: Any = None) -> dict[str, Any]:
     return {"freed": [b.name for b in freed], "freed_bytes": sum(b.nbytes for b in freed)}
 
 
-def run(gpu: EntityContext, kernel: Any, generation: Any = None, **params: Any) -> dict[str, Any]:
-    return gpu.launch(kernel, generation, **params)
+def run(gpu: EntityContext, kernel: Any, generation: Any = None, cast: Any = "safe",
+        **params: Any) -> dict[str, Any]:
+    return gpu.launch(kernel, generation, cast, **params)
 
 
 def stats(gpu: GpuContext) -> dict[str, Any]:

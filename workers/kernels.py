@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpu_tasks.errors import BadRequest
+from workers import values
 from workers.backend import Backend, Buffer
 from workers.store import BufferStore, parse_name
 
@@ -31,8 +32,12 @@ class Kernel:
     scalars: Mapping[str, float | None] = field(default_factory=dict)
     """Scalar parameters and their defaults (None: required)."""
     optional_buffers: tuple[str, ...] = ()
-    body: Callable[[Backend, dict[str, Buffer], dict[str, float]], dict[str, Any]] = lambda *_: {}
+    body: Callable[[Backend, dict[str, Buffer], dict[str, Any]], dict[str, Any]] = lambda *_: {}
     doc: str = ""
+    typed_by: Mapping[str, str] = field(default_factory=dict)
+    """Scalar -> the buffer parameter whose dtype it is stored in for the computation: the
+    scalar must be a value of that dtype (300 is no uint8, 1.5 no int32), unless
+    ``cast="unsafe"``."""
 
 
 def _same_shape(bufs: dict[str, Buffer], first: str, second: str) -> None:
@@ -52,13 +57,13 @@ def _dtype_in(bufs: dict[str, Buffer], param: str, allowed: tuple[str, ...]) -> 
         )
 
 
-def _fill(be: Backend, b: dict[str, Buffer], s: dict[str, float]) -> dict[str, Any]:
+def _fill(be: Backend, b: dict[str, Buffer], s: dict[str, Any]) -> dict[str, Any]:
     _dtype_in(b, "out", FILLABLE)
     be.fill(b["out"], s["value"])
     return {"outputs": ["out"]}
 
 
-def _scale(be: Backend, b: dict[str, Buffer], s: dict[str, float]) -> dict[str, Any]:
+def _scale(be: Backend, b: dict[str, Buffer], s: dict[str, Any]) -> dict[str, Any]:
     b.setdefault("out", b["x"])
     _dtype_in(b, "x", ARITHMETIC)
     _same_shape(b, "x", "out")
@@ -66,20 +71,20 @@ def _scale(be: Backend, b: dict[str, Buffer], s: dict[str, float]) -> dict[str, 
     return {"outputs": ["out"]}
 
 
-def _axpy(be: Backend, b: dict[str, Buffer], s: dict[str, float]) -> dict[str, Any]:
+def _axpy(be: Backend, b: dict[str, Buffer], s: dict[str, Any]) -> dict[str, Any]:
     _dtype_in(b, "x", ARITHMETIC)
     _same_shape(b, "x", "y")
     be.axpy(s["alpha"], b["x"], b["y"])
     return {"outputs": ["y"]}
 
 
-def _sum(be: Backend, b: dict[str, Buffer], s: dict[str, float]) -> dict[str, Any]:
+def _sum(be: Backend, b: dict[str, Buffer], s: dict[str, Any]) -> dict[str, Any]:
     _dtype_in(b, "x", ARITHMETIC)
     value = be.sum(b["x"])
     return {"outputs": [], "value": int(value) if b["x"].dtype.kind == "i" else value}
 
 
-def _sgemm(be: Backend, b: dict[str, Buffer], s: dict[str, float]) -> dict[str, Any]:
+def _sgemm(be: Backend, b: dict[str, Buffer], s: dict[str, Any]) -> dict[str, Any]:
     for param in ("a", "b", "c"):
         _dtype_in(b, param, ("float32",))
         if len(b[param].shape) != 2:
@@ -99,7 +104,7 @@ def _sgemm(be: Backend, b: dict[str, Buffer], s: dict[str, float]) -> dict[str, 
     return {"outputs": ["c"]}
 
 
-def _fault(be: Backend, b: dict[str, Buffer], s: dict[str, float]) -> dict[str, Any]:
+def _fault(be: Backend, b: dict[str, Buffer], s: dict[str, Any]) -> dict[str, Any]:
     be.fault()
     return {"outputs": []}
 
@@ -107,7 +112,8 @@ def _fault(be: Backend, b: dict[str, Buffer], s: dict[str, float]) -> dict[str, 
 KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in (
-        Kernel("fill", ("out",), {"value": None}, body=_fill, doc="out[:] = value"),
+        Kernel("fill", ("out",), {"value": None}, body=_fill, doc="out[:] = value",
+               typed_by={"value": "out"}),
         Kernel(
             "scale",
             ("x",),
@@ -115,8 +121,10 @@ KERNELS: dict[str, Kernel] = {
             ("out",),
             _scale,
             "out = alpha * x (out defaults to x)",
+            {"alpha": "x"},
         ),
-        Kernel("axpy", ("x", "y"), {"alpha": 1.0}, body=_axpy, doc="y = alpha * x + y"),
+        Kernel("axpy", ("x", "y"), {"alpha": 1.0}, body=_axpy, doc="y = alpha * x + y",
+               typed_by={"alpha": "y"}),
         Kernel("sum", ("x",), body=_sum, doc="value = sum(x)"),
         Kernel(
             "sgemm",
@@ -124,6 +132,7 @@ KERNELS: dict[str, Kernel] = {
             {"alpha": 1.0, "beta": 0.0},
             body=_sgemm,
             doc="c = alpha * a @ b + beta * c (float32, row-major)",
+            typed_by={"alpha": "c", "beta": "c"},
         ),
         Kernel(
             "fault",
@@ -135,10 +144,14 @@ KERNELS: dict[str, Kernel] = {
 }
 
 
-def _scalar(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+def _scalar(name: str, value: object) -> int | float:
+    """A finite number, kept as the Python int or float it came as: an int is never rounded
+    through a float on its way to an integer buffer."""
+    if type(value) is int:
+        return value  # math.isfinite would raise OverflowError beyond float64's range
+    if type(value) is not float or not math.isfinite(value):
         raise BadRequest(f"{name} must be a finite number, got {value!r}", name)
-    return float(value)
+    return value
 
 
 def launch(
@@ -149,8 +162,12 @@ def launch(
     generation: int | None = None,
     *,
     allow_fault: bool = False,
+    cast: object = "safe",
 ) -> dict[str, Any]:
-    """Check ``params`` against the kernel and run it on the entity's buffers."""
+    """Check ``params`` against the kernel and run it on the entity's buffers; scalars
+    must be values of the dtype they are computed in (see :mod:`workers.values`) unless
+    ``cast="unsafe"``."""
+    casting = values.parse_cast(cast)
     if not isinstance(kernel, str) or kernel not in KERNELS:
         raise BadRequest(
             f"kernel must be one of {', '.join(sorted(KERNELS))}, got {kernel!r}", "kernel"
@@ -177,7 +194,7 @@ def launch(
                 continue
             raise BadRequest(f"kernel {kernel} needs buffer parameter {param!r}", param)
         bufs[param] = store.get(entity_id, parse_name(params[param], param), generation)
-    scalars: dict[str, float] = {}
+    scalars: dict[str, Any] = {}
     for param, default in spec.scalars.items():
         if param in params:
             scalars[param] = _scalar(param, params[param])
@@ -185,6 +202,10 @@ def launch(
             raise BadRequest(f"kernel {kernel} needs scalar parameter {param!r}", param)
         else:
             scalars[param] = default
+    for param, typed_by in spec.typed_by.items():
+        buf = bufs.get(typed_by)
+        if buf is not None:
+            scalars[param] = values.to_scalar(scalars[param], buf.dtype, param, casting)
     result = spec.body(store.backend, bufs, scalars)
     # Bodies name their output parameters; callers want buffer names (scale's out
     # defaults to x inside its body, so read them from ``bufs`` after it ran).

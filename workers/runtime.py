@@ -29,14 +29,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from celery.exceptions import Reject
+from celery.exceptions import CeleryError, Reject, SoftTimeLimitExceeded
 
-from gpu_tasks.errors import BadRequest, ContextPoisoned, DeviceError, RoutingError
+from gpu_tasks.errors import BadRequest, ContextPoisoned, DeviceError, GpuTasksError, RoutingError
 from gpu_tasks.fleet import FleetRegistry, GpuRecord
 from gpu_tasks.routing import gpu_queue, shard_index, shard_name, validate_entity_id, worker_name
 from gpu_tasks.settings import Settings
 from gpu_tasks.shardmap import ShardMapStore
-from workers import kernels, ownership
+from workers import kernels, ownership, values
 from workers.backend import Backend, Buffer, DevicePoisoned, create_backend
 from workers.ledger import BufferLedger
 from workers.store import BufferStore
@@ -71,6 +71,21 @@ class WorkerIdentity:
         return worker_name(self.node, self.gpu_index)
 
 
+def element_range(buf: Buffer, offset: object, count: object) -> tuple[int, int]:
+    """``(offset, count)`` checked against ``buf``'s elements (``count`` None: to the end);
+    else :class:`BadRequest` naming the field."""
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= buf.size:
+        raise BadRequest(f"offset must be an integer from 0 to {buf.size} (the buffer's "
+                         f"elements), got {offset!r}", "offset")
+    if count is None:
+        return offset, buf.size - offset
+    if isinstance(count, bool) or not isinstance(count, int) or not (
+            0 <= count <= buf.size - offset):
+        raise BadRequest(f"count must be an integer from 0 to {buf.size - offset} (the "
+                         f"elements from offset {offset} on), got {count!r}", "count")
+    return offset, count
+
+
 class EntityContext:
     """What a ``@gpu_task`` body gets: one entity's view of this GPU.
 
@@ -86,6 +101,7 @@ class EntityContext:
         self.shard = shard_name(shard)
         self.device: Backend = runtime.backend
         self.store: BufferStore = runtime.store
+        self.settings: Settings = runtime.settings
         self._runtime = runtime
 
     @property
@@ -104,37 +120,51 @@ class EntityContext:
     def names(self) -> list[str]:
         return self.store.names(self.entity_id)
 
-    def read(self, name: str, generation: int | None = None) -> np.ndarray[Any, Any]:
-        """A host copy of the buffer, with its dtype and shape."""
-        return self.device.download(self.buffer(name, generation))
+    def read(self, name: str, generation: int | None = None, offset: int = 0,
+             count: int | None = None) -> np.ndarray[Any, Any]:
+        """A host copy of the buffer, with its dtype and shape; or, given ``offset`` or
+        ``count``, a 1-D copy of elements ``[offset, offset + count)`` of the flattened
+        buffer (``count`` None: to its end)."""
+        buf = self.buffer(name, generation)
+        if offset == 0 and count is None:
+            return self.device.download(buf)
+        start, size = element_range(buf, offset, count)
+        return self.device.download_range(buf, start, size)
 
     def write(
-        self, name: str, data: object, offset: int = 0, generation: int | None = None
+        self, name: str, data: object, offset: int = 0, generation: int | None = None,
+        cast: str = "safe", field: str = "values",
     ) -> Buffer:
-        """Copy ``data`` (array-like, cast to the buffer's dtype) in from element ``offset``."""
+        """Copy ``data`` (a flat list of numbers or an array) in from element ``offset``.
+
+        A value the buffer's dtype cannot hold (NaN or 1.5 into an integer buffer, 300 into
+        uint8, 70000 into float16) fails with :class:`BadRequest` naming ``field`` and its
+        index, unless ``cast="unsafe"`` asks for numpy's cast instead."""
         buf = self.buffer(name, generation)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise BadRequest(f"offset must be a non-negative integer, got {offset!r}", "offset")
-        try:
-            host = np.ascontiguousarray(np.asarray(data).astype(buf.dtype, casting="unsafe"))
-        except (TypeError, ValueError) as exc:
-            raise BadRequest(
-                f"values cannot be converted to {buf.dtype.name}: {exc}", "values"
-            ) from None
-        host = host.reshape(-1)
+        cast = values.parse_cast(cast)
+        if isinstance(data, np.ndarray):
+            host = values.to_dtype(data, buf.dtype, field, cast)
+        elif isinstance(data, (list, tuple)):
+            host = values.to_dtype(list(data), buf.dtype, field, cast)
+        else:
+            raise BadRequest(f"{field} must be a flat list of numbers, got "
+                             f"{type(data).__name__}", field)
         if offset + host.size > buf.size:
             raise BadRequest(
                 f"writing {host.size} elements at offset {offset} overruns buffer "
                 f"{name!r} of {buf.size} elements",
-                "values",
+                field,
             )
         self.device.upload(buf, host, offset)
         return buf
 
-    def launch(self, kernel: str, generation: int | None = None, **params: Any) -> dict[str, Any]:
+    def launch(self, kernel: str, generation: int | None = None, cast: str = "safe",
+               **params: Any) -> dict[str, Any]:
         """Run a named kernel (see :mod:`workers.kernels`) on this entity's buffers."""
         return kernels.launch(self.store, self.entity_id, kernel, params, generation,
-                              allow_fault=self._runtime.settings.fault_injection)
+                              allow_fault=self._runtime.settings.fault_injection, cast=cast)
 
 
 class GpuContext:
@@ -171,6 +201,7 @@ class DeviceRuntime:
             ledger=BufferLedger(client, identity.queue),
             idle_s=settings.entity_idle_s,
             spill_capacity_bytes=settings.spill_memory_bytes,
+            max_buffers=settings.max_buffers_per_entity,
         )
         table = ownership.table
         if table is not None:
@@ -387,6 +418,8 @@ def current() -> DeviceRuntime:
     return _runtime
 
 
+_BUILT_IN_MODULE = "workers.handlers"
+"""Where the built-in tasks' bodies live (not imported here: it imports this module)."""
 _QUOTED = re.compile(r"'([^']+)'")
 _signatures: dict[Callable[..., Any], inspect.Signature] = {}
 
@@ -424,7 +457,7 @@ def execute(
         ctx = GpuContext(runtime)
     else:
         try:
-            eid = validate_entity_id(entity_id)
+            eid = validate_entity_id(entity_id, runtime.settings.max_entity_id_chars)
         except RoutingError as exc:
             raise BadRequest(str(exc), "entity_id") from None
         shard = runtime.serve(eid, task.name)
@@ -432,7 +465,18 @@ def execute(
         ctx = EntityContext(runtime, eid, shard)
     _bind(body, ctx, args, kwargs)
     with runtime.guard():
-        value = body(ctx, *args, **kwargs)
+        try:
+            value = body(ctx, *args, **kwargs)
+        except (GpuTasksError, CeleryError, SoftTimeLimitExceeded, DevicePoisoned):
+            raise  # answers, Celery's own control flow (Reject), and the poisoned context
+        except Exception as exc:
+            if getattr(body, "__module__", None) != _BUILT_IN_MODULE:
+                raise  # a user's task: its exceptions are its own contract
+            # Every failure of a built-in is a gpu_tasks.errors class; one that is not is a
+            # bug here, so it is logged with its traceback, never swallowed.
+            log.exception("%s failed with an untyped error", task.name)
+            raise DeviceError(f"{task.name} failed inside the GPU worker: "
+                              f"{type(exc).__name__}: {exc}") from None
     where = runtime.where(eid, shard)
     if getattr(task, "flat_result", False):
         return {**where, **value}

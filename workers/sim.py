@@ -70,6 +70,9 @@ class SimBackend:
     def download(self, buf: Buffer) -> np.ndarray[Any, Any]:
         return self._view(buf).copy()
 
+    def download_range(self, buf: Buffer, offset: int, count: int) -> np.ndarray[Any, Any]:
+        return self._view(buf).reshape(-1)[offset : offset + count].copy()
+
     def fill(self, out: Buffer, value: float) -> None:
         self._view(out)[...] = value
 

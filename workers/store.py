@@ -90,8 +90,11 @@ class BufferStore:
         ledger: BufferLedger | None = None,
         idle_s: float = 0.0,
         spill_capacity_bytes: int = 0,
+        max_buffers: int = 0,
     ) -> None:
         self.backend = backend
+        self.max_buffers = max_buffers
+        """Most buffers one entity may hold here (0: no limit)."""
         self.generation = generation
         self.entity_quota_bytes = entity_quota_bytes
         self.shard_of = shard_of
@@ -275,12 +278,23 @@ class BufferStore:
     # -- changing ------------------------------------------------------------
 
     def alloc(self, entity_id: str, name: str, shape: object, dtype: object) -> Buffer:
-        """A zeroed buffer; replaces an existing one of the same name (freed first)."""
+        """A zeroed buffer; replaces an existing one of the same name. The old one is freed
+        only once the new one is allocated: a replacement that fails (``OutOfMemory``, a
+        quota, a limit) leaves it exactly as it was."""
         parse_name(name)
         np_dtype, dims = parse_dtype(dtype), parse_shape(shape)
         nbytes = int(np.prod(dims, dtype=object)) * np_dtype.itemsize
         existing = self._entity(entity_id).get(name)
         reuse = existing.nbytes if existing is not None else 0
+        if existing is None and self.max_buffers:
+            count = len(self._entity(entity_id))
+            if count >= self.max_buffers:
+                raise BadRequest(
+                    f"entity {entity_id!r} holds {count} buffers on this GPU, the most one "
+                    f"entity may (GPU_TASKS_MAX_BUFFERS_PER_ENTITY); free one or replace one "
+                    f"of the same name instead of allocating {name!r}",
+                    "name",
+                )
         if self.entity_quota_bytes:
             held = self.usage(entity_id).bytes - reuse
             if held + nbytes > self.entity_quota_bytes:
@@ -297,12 +311,27 @@ class BufferStore:
                 nbytes,
                 free,
             )
-        if existing is not None:
-            self.free(entity_id, name)
-        self.make_room(nbytes, keep=entity_id)
-        allocation = self.backend.alloc(nbytes)
-        buf = Buffer(entity_id, name, np_dtype, dims, self.generation, allocation)
+        # The old buffer's place counts as room (it goes once the new one is allocated), so
+        # replacing a buffer spills no other entity that freeing it first would not have.
+        in_place = existing.nbytes if existing is not None and existing.host is None else 0
+        self.make_room(nbytes - in_place, keep=entity_id)
         index = self.shard_of(entity_id)
+        try:
+            allocation = self.backend.alloc(nbytes)
+        except OutOfMemory:
+            if existing is None or existing.host is not None:
+                raise
+            # It may fit only in the old buffer's place: move the old one to host memory (as
+            # a spill does) rather than free it, so that a failure can put it back as it was.
+            self._spill(existing)
+            try:
+                allocation = self.backend.alloc(nbytes)
+            except OutOfMemory:
+                self._unspill(existing)
+                raise
+        if existing is not None:
+            self._forget(index, existing)  # not free(): its get() would restore a spilled one
+        buf = Buffer(entity_id, name, np_dtype, dims, self.generation, allocation)
         with self._lock:
             if index not in self._shards:
                 self.versions[index] = self.version_of(index)
@@ -315,6 +344,31 @@ class BufferStore:
         if self.ledger is not None:
             self.ledger.allocated(entity_id, name, self.generation, index, nbytes)
         return buf
+
+    def _spill(self, buf: Buffer) -> None:
+        """Move one buffer's contents to host memory and release its device memory."""
+        host = self.backend.download(buf)
+        self.backend.release(buf.allocation)
+        with self._lock:
+            buf.host, buf.allocation = host, None
+            self._used_bytes -= buf.nbytes
+            self._spilled_bytes += buf.nbytes
+
+    def _unspill(self, buf: Buffer) -> None:
+        """Put a buffer :meth:`_spill` moved back on the device; if even that no longer fits,
+        it stays spilled, intact, and comes back on its entity's next use."""
+        host = buf.host
+        assert host is not None
+        try:
+            allocation = self.backend.alloc(buf.nbytes)
+        except OutOfMemory:
+            return
+        buf.allocation = allocation
+        self.backend.upload(buf, host.reshape(-1), 0)
+        with self._lock:
+            buf.host = None
+            self._used_bytes += buf.nbytes
+            self._spilled_bytes -= buf.nbytes
 
     def free(self, entity_id: str, name: str | None = None) -> list[Buffer]:
         """Free one buffer (``NoSuchBuffer`` if absent) or, with no name, all of the entity's."""
