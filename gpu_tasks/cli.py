@@ -1099,7 +1099,7 @@ def up(
             )
             cluster.start()
             s = cluster.settings
-            console.print(f"Redis:   {s.redis_url}")
+            console.print(f"Redis:   {s.redis_url_shown}")
             console.print(f"Workers: {', '.join(cluster.queues)} (logs in {cluster.log_dir})")
             if cluster.flower_url and cluster.flower_auth:
                 # Where the credentials are, never the password itself (terminals and CI
