@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import json
 import re
 import time
@@ -248,6 +249,37 @@ def _header_problem(headers: dict[str, Any]) -> str:
     return ""
 
 
+RESULT_TTL_S = 24 * 3600
+"""How long the failure answering a dead-lettered request is kept (the app's result_expires)."""
+
+
+def answer_dead_lettered(letter: DeadLetter, pipeline: redis.client.Pipeline) -> None:
+    """Store (if none is) and publish a FAILURE result for ``letter``'s task id, as Celery's
+    Redis result backend stores one: ``AsyncResult.get()`` raises ``DeadLettered``."""
+    task_id = letter.task_id
+    key = f"celery-task-meta-{task_id}"
+    meta = json.dumps({
+        "status": "FAILURE",
+        "result": {"exc_type": "DeadLettered", "exc_module": "gpu_tasks.errors",
+                   "exc_message": [f"the GPU worker refused task {letter.task} {task_id} and "
+                                   f"kept it as a dead letter (gpu-tasks dlq list): "
+                                   f"{letter.reason}", letter.reason]},
+        "traceback": None, "children": [], "task_id": task_id,
+        "date_done": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    })
+    pipeline.eval(_ANSWER, 1, key, meta, RESULT_TTL_S)
+
+
+# Store the failure unless a result is there already, and only then publish it: a waiting
+# get() must never hear a failure for a request whose result says otherwise.
+_ANSWER = """
+if redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2], 'NX') then
+  redis.call('PUBLISH', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+
 class DeadLetterStore:
     """Reads and writes dead letters; writers take an optional pipeline to compose."""
 
@@ -255,9 +287,18 @@ class DeadLetterStore:
         self.client = client
 
     def add(self, letter: DeadLetter, pipeline: redis.client.Pipeline | None = None) -> None:
+        """Keep ``letter``; if it names a task id, answer that request with a
+        :class:`~gpu_tasks.errors.DeadLettered` failure, so its producer's ``get()`` raises
+        at once instead of waiting out its timeout (unless a result is stored already)."""
         entry = json.dumps({k: v for k, v in letter.to_json().items() if k != "id"})
-        (pipeline or self.client).xadd(DLQ_KEY, {"entry": entry}, maxlen=MAX_ENTRIES,
-                                       approximate=True)
+        own = pipeline is None
+        pipe = self.client.pipeline(transaction=True) if own else pipeline
+        assert pipe is not None
+        pipe.xadd(DLQ_KEY, {"entry": entry}, maxlen=MAX_ENTRIES, approximate=True)
+        if letter.task_id:
+            answer_dead_lettered(letter, pipe)
+        if own:
+            pipe.execute()
 
     def list(self, limit: int | None = None) -> list[DeadLetter]:
         """Dead letters, newest first."""

@@ -12,6 +12,8 @@
      +-- BatchError         a batch cannot run now (another run holds its lock)
      +-- DeadLetterError    a dead letter is not there, or cannot be sent again
      +-- DeviceError        raised by a GPU worker; travels back through Celery's result
+          +-- DeadLettered     the worker refused the request (malformed, or it kept ending
+          |                    the pool child): it is in the dead-letter stream, never run
           +-- BadRequest       a request field is wrong (the field is named)
           +-- OutOfMemory      the GPU (or the entity's quota) cannot hold the allocation
           +-- NoSuchBuffer     the entity has no buffer of that name on this GPU
@@ -35,6 +37,7 @@ __all__ = [
     "ConfigError",
     "ContextPoisoned",
     "DeadLetterError",
+    "DeadLettered",
     "DeviceError",
     "EntityStateLost",
     "GpuTasksError",
@@ -114,6 +117,19 @@ class DeadLetterError(GpuTasksError):
 
 class DeviceError(GpuTasksError):
     """Raised inside a GPU worker; the worker keeps serving afterwards."""
+
+
+class DeadLettered(DeviceError):
+    """A GPU worker refused this request and kept it in the dead-letter stream
+    (``gpu-tasks dlq list``): it was malformed, or its execution kept ending the pool child.
+    It was not run (or not run to completion). ``reason`` says why."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message, reason)
+
+    @property
+    def reason(self) -> str:
+        return str(self.args[1]) if len(self.args) > 1 else ""
 
 
 class BadRequest(DeviceError, ValueError):

@@ -22,6 +22,7 @@ from kombu.exceptions import DecodeError
 
 from gpu_tasks.cluster import LocalCluster
 from gpu_tasks.deadletter import DeadLetter, DeadLetterStore, check_message
+from gpu_tasks.errors import DeadLettered
 from gpu_tasks.redis_server import RedisServer
 from gpu_tasks.routing import shard_index, shard_name
 from gpu_tasks.settings import Settings
@@ -251,10 +252,36 @@ def test_a_request_that_keeps_killing_its_pool_child_is_dead_lettered(
     letter = wait_until(lambda: next((x for x in store.list() if x.task_id == killer.id), None),
                         timeout=TIMEOUT)
     assert "ended the pool child 2 times" in letter.reason and letter.task == "tests.die"
+    # And its producer is answered with the reason instead of waiting out its timeout
+    with pytest.raises(DeadLettered, match="ended the pool child 2 times"):
+        killer.get(timeout=TIMEOUT)
     # And the worker serves on, the same main process
     done = alloc.apply_async(kwargs={"entity_id": entity, "name": "after", "shape": [1]})
     assert done.get(timeout=TIMEOUT)["gpu"] == GPU
     assert poisoned.workers[0].alive() and poisoned.workers[0].popen.pid == main_pid
+
+
+def test_a_dead_lettered_request_is_answered_with_the_reason(poisoned: LocalCluster) -> None:
+    from gpu_tasks.app import app
+
+    # Given a request whose envelope is fine but whose arguments nest too deep
+    entity, shard = entity_of_shard("poison-deep", poisoned.settings.shard_count)
+    task_id, raw = raw_task_message("gpu_tasks.run", {"entity_id": entity, "kernel": "sum",
+                                                      "x": nested(600)}, shard)
+    waiting = app.AsyncResult(task_id)
+    # When it is pushed raw onto its shard queue
+    client_of(poisoned).lpush(shard, raw)
+    # Then get() raises DeadLettered with the reason, well before its own timeout
+    with pytest.raises(DeadLettered, match="nest") as caught:
+        waiting.get(timeout=TIMEOUT)
+    assert "gpu-tasks dlq" in str(caught.value) and caught.value.reason
+    # And a request that already has a result is not overwritten by a later dead letter
+    done = alloc.apply_async(kwargs={"entity_id": entity, "name": "kept", "shape": [1]})
+    assert done.get(timeout=TIMEOUT)["gpu"] == GPU
+    again = DeadLetter.of(b"{}", shard, "replayed", {"headers": {"id": done.id,
+                                                                "task": "gpu_tasks.alloc"}})
+    DeadLetterStore(client_of(poisoned)).add(again)
+    assert app.AsyncResult(done.id).state == "SUCCESS"
 
 
 def test_a_pickled_result_is_never_unpickled(poisoned: LocalCluster, tmp_path: Path) -> None:
