@@ -10,6 +10,7 @@ run them.
 
 from __future__ import annotations
 
+import datetime
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +25,7 @@ from gpu_tasks import errors as _errors  # noqa: F401  (results rebuild these ex
 from gpu_tasks import settings as _settings
 from gpu_tasks.broker import TRANSPORT, broker_unavailable
 from gpu_tasks.envelope import plain_kwargs
-from gpu_tasks.errors import BrokerUnavailable, ShardMapError
+from gpu_tasks.errors import BrokerUnavailable, RoutingError, ShardMapError
 from gpu_tasks.results import ResultBackend
 from gpu_tasks.routing import EntityRouter
 from gpu_tasks.settings import Settings
@@ -68,6 +69,8 @@ class GpuCelery(Celery):  # type: ignore[misc]
         # 60 us and nothing reads it: the message goes to the queue's list directly
         # (exchange ""), and workers declare what they consume.
         options.setdefault("declare", ())
+        if options.get("countdown") is not None or options.get("eta") is not None:
+            _check_delay(name, options.get("countdown"), options.get("eta"))
         try:
             return super().send_task(name, args, kwargs, **options)
         except BrokerUnavailable:
@@ -77,6 +80,33 @@ class GpuCelery(Celery):  # type: ignore[misc]
 
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def _check_delay(name: str, countdown: Any, eta: Any) -> None:
+    """Refuse a ``countdown``/``eta`` that reaches past the visibility timeout: the worker
+    holds such a message unacknowledged until it is due, and Redis hands it to a second
+    worker once the visibility timeout has passed, so it would run twice."""
+    limit_s = _settings.current().visibility_timeout_s
+    if eta is not None:
+        when = datetime.datetime.fromisoformat(eta) if isinstance(eta, str) else eta
+        if not isinstance(when, datetime.datetime):
+            raise RoutingError(f"task {name}: eta must be a datetime or ISO 8601 text, got "
+                               f"{eta!r}; nothing was enqueued")
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        delay_s = (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+    else:
+        try:
+            delay_s = float(countdown)
+        except (TypeError, ValueError):
+            raise RoutingError(f"task {name}: countdown must be a number of seconds, got "
+                               f"{countdown!r}; nothing was enqueued") from None
+    if delay_s >= limit_s:
+        raise RoutingError(
+            f"task {name}: a delay of {delay_s:.0f} s reaches past the visibility timeout "
+            f"({limit_s:g} s, GPU_TASKS_VISIBILITY_TIMEOUT_S), after which Redis would hand "
+            "the waiting request to a second worker and it would run twice; schedule it "
+            "nearer (e.g. from cron or beat); nothing was enqueued")
 
 
 app = GpuCelery("gpu_tasks")

@@ -184,3 +184,22 @@ def test_submit_wait_tells_unfinished_from_failed(spare_url: str) -> None:
     out = json.loads(done.stdout)
     assert out["unfinished"]["state"] == "PENDING" and "error" not in out
     assert sum(enqueued(redis.Redis.from_url(spare_url)).values()) == 1
+
+
+def test_a_delay_past_the_visibility_timeout_is_refused(idle_app: redis.Redis) -> None:
+    # A countdown or eta the worker would hold longer than the visibility timeout would be
+    # handed to a second worker by Redis and run twice: refused, nothing enqueued
+    import datetime
+
+    kwargs = {"entity_id": "user-42", "name": "x", "shape": [4]}
+    with pytest.raises(RoutingError, match="visibility timeout"):
+        alloc.apply_async(kwargs=kwargs, countdown=4000)
+    later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=2)
+    with pytest.raises(RoutingError, match="visibility timeout"):
+        alloc.apply_async(kwargs=kwargs, eta=later)
+    with pytest.raises(RoutingError, match="countdown must be a number"):
+        alloc.apply_async(kwargs=kwargs, countdown="soon")
+    assert enqueued(idle_app) == {}
+    # A delay within it is sent as usual
+    alloc.apply_async(kwargs=kwargs, countdown=30)
+    assert enqueued(idle_app) == {"shard-129": 1}
