@@ -173,7 +173,6 @@ class BatchReport:
     stopped: str | None = None
     """Why sending stopped before the end (back-pressure), if it did."""
     seconds: float = 0.0
-    send_seconds: float = 0.0
 
     @property
     def rejected(self) -> int:
@@ -516,7 +515,6 @@ def _send_all(client: redis.Redis, path: Path, file_format: str, options: BatchO
         send = client.register_script(_SEND)
         by_line = {o.line: o for o in report.outcomes}
         progress.start("sending", report.accepted)
-        send_started = time.monotonic()
         chunk: list[tuple[int, Any]] = []
         for number, item in read_lines(path, file_format):
             outcome = by_line.get(number)
@@ -536,7 +534,6 @@ def _send_all(client: redis.Redis, path: Path, file_format: str, options: BatchO
         if chunk:
             _send_chunk(chunk, by_line, publisher, send, lock, sent_key, ttl_ms, gate,
                         report, progress)
-        report.send_seconds = time.monotonic() - send_started
     finally:
         lock.release()
 
@@ -601,7 +598,6 @@ class _Backpressure:
         self.shards_of: dict[str, list[str]] = {}
         for queue, owner in self.owner_of.items():
             self.shards_of.setdefault(owner, []).append(queue)
-        self._checked_at = 0.0
 
     def backlogs(self, gpus: set[str]) -> dict[str, int]:
         """Requests queued per GPU, summed over the shard queues it owns (one pipeline)."""

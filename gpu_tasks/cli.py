@@ -514,7 +514,9 @@ def submit(
         raise click.BadParameter("must be a JSON object", param_hint="--kwargs")
     if entity is not None:
         kwargs["entity_id"] = entity
-    name = task if "." in task else f"gpu_tasks.{task}"
+    from gpu_tasks.bulk import task_name
+
+    name = task_name(task)
     app = _app(_settings(ctx))
     options = {"queue": queue} if queue else {}
     result = app.send_task(name, kwargs=kwargs, **options)
