@@ -150,7 +150,15 @@ def celery_config(settings: Settings, entity_router: EntityRouter) -> dict[str, 
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A lost broker connection must not end the task that is running: cancelling it
+        # terminates the pool child, and with it every entity's device buffers on this GPU.
+        # The task finishes and its result is stored once Redis answers again; a copy
+        # redelivered meanwhile is answered from the pool child's memory of what it
+        # completed (workers.completed), not run twice.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # The soft limit (task_soft_time_limit_s) is applied by GPU workers per request
+        # (workers.request), not here: Celery arms a request's hard timer only when its
+        # soft one fires, so a default soft limit would hold back every shorter hard one.
         "task_time_limit": settings.task_time_limit_s,
         # Task events cost a worker about as much as a trivial task itself; Flower switches
         # them on (enable_events) while it watches, so they are off by default.

@@ -20,6 +20,7 @@
           +-- StaleHandle      the buffer belonged to an older context generation
           |    +-- EntityStateLost  the entity had the buffer here and it is gone
           +-- ContextPoisoned  the request broke the device context; it was rebuilt
+          +-- TaskTimeLimitExceeded  the request ran past its soft or hard time limit
 
 Device errors are rebuilt on the producer by Celery's JSON result backend, which
 calls ``cls(*args)``; so every class here keeps all of its state in ``args`` and
@@ -49,6 +50,7 @@ __all__ = [
     "RoutingError",
     "ShardMapError",
     "StaleHandle",
+    "TaskTimeLimitExceeded",
 ]
 
 
@@ -225,3 +227,21 @@ class EntityStateLost(StaleHandle):
     @property
     def why(self) -> str:
         return str(self.args[7]) if len(self.args) > 7 else ""
+
+
+class TaskTimeLimitExceeded(DeviceError):
+    """The request ran past its time limit. ``soft``: it was interrupted where it ran
+    Python code and the GPU kept every buffer (what the task had written so far stays
+    written). Hard: its pool child was killed, and every entity's buffers on that GPU were
+    lost with it (answered ``EntityStateLost``). ``limit_s`` is the limit it ran past."""
+
+    def __init__(self, message: str, limit_s: float = 0.0, soft: bool = True) -> None:
+        super().__init__(message, limit_s, soft)
+
+    @property
+    def limit_s(self) -> float:
+        return float(self.args[1]) if len(self.args) > 1 else 0.0
+
+    @property
+    def soft(self) -> bool:
+        return bool(self.args[2]) if len(self.args) > 2 else True

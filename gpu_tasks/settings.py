@@ -113,7 +113,14 @@ class Settings:
     context, the checks) before killing and replacing it; Celery's 4 s default is too short
     for cuInit without persistence mode, and the child would be replaced in a loop."""
     task_time_limit_s: float = 300.0
-    """Hard time limit of one device task; the pool child is replaced past it."""
+    """Hard time limit of one device task: past it the pool child is killed and replaced,
+    and every entity's buffers on that GPU are lost (answered ``EntityStateLost``). A task
+    may set its own (``@gpu_task(time_limit=...)``, ``apply_async(time_limit=...)``)."""
+    task_soft_time_limit_s: float = 240.0
+    """Soft time limit of one device task: past it the task is interrupted where it runs
+    Python code and answered ``TaskTimeLimitExceeded``, and the GPU keeps its buffers. Must
+    be below the hard limit, so a task gets the chance to stop before its child is killed.
+    A task may set its own (``soft_time_limit=``)."""
     visibility_timeout_s: float = 3600.0
     """Redis visibility timeout; must exceed the longest task (checked)."""
     fault_injection: bool = False
@@ -167,6 +174,12 @@ class Settings:
                 f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed "
                 f"task_time_limit_s ({self.task_time_limit_s}), or Redis redelivers running tasks"
             )
+        if self.task_soft_time_limit_s >= self.task_time_limit_s:
+            raise ConfigError(
+                f"task_soft_time_limit_s ({self.task_soft_time_limit_s}) must be below "
+                f"task_time_limit_s ({self.task_time_limit_s}): past the hard limit the pool "
+                "child is killed, and the GPU's buffers with it"
+            )
         if self.map_poll_s * 4 > self.lease_ttl_s:
             raise ConfigError(
                 f"lease_ttl_s ({self.lease_ttl_s}) must be at least 4 x map_poll_s "
@@ -174,7 +187,7 @@ class Settings:
             )
         for name in ("lease_ttl_s", "map_poll_s", "heartbeat_s", "redis_timeout_s",
                      "device_open_timeout_s", "failover_after_s", "task_time_limit_s",
-                     "sim_memory_bytes"):
+                     "task_soft_time_limit_s", "sim_memory_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
         for name in ("max_backlog", "batch_record_ttl_s", "max_message_bytes", "max_nesting",
@@ -275,7 +288,8 @@ _SIZE_FIELDS = {"sim_memory_bytes", "entity_memory_bytes", "spill_memory_bytes",
 _BOOL_FIELDS = {"fault_injection", "task_events"}
 _FLOAT_FIELDS = {"entity_idle_s", "lease_ttl_s", "map_poll_s", "heartbeat_s",
                  "redis_timeout_s", "device_open_timeout_s", "failover_after_s",
-                 "task_time_limit_s", "visibility_timeout_s", "batch_record_ttl_s"}
+                 "task_time_limit_s", "task_soft_time_limit_s", "visibility_timeout_s",
+                 "batch_record_ttl_s"}
 
 
 def _convert(name: str, raw: str) -> Any:

@@ -5,21 +5,36 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 import redis
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import AsyncResult
 
 from gpu_tasks.app import configure
 from gpu_tasks.cluster import LocalCluster
-from gpu_tasks.errors import DeviceError, EntityStateLost
+from gpu_tasks.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    DeviceError,
+    EntityStateLost,
+    NoSuchBuffer,
+    TaskTimeLimitExceeded,
+)
 from gpu_tasks.fleet import FleetRegistry
 from gpu_tasks.redis_server import RedisServer
+from gpu_tasks.routing import shard_index, shard_name
 from gpu_tasks.settings import Settings
-from gpu_tasks.tasks import alloc, read, stats, write
+from gpu_tasks.shardmap import ShardMapStore
+from gpu_tasks.tasks import alloc, free, read, stats, write
+from gpu_tasks.unacked import mark_redelivered
 from tests import usertasks
 from tests.conftest import NODE, gpu_tasks_cli, wait_until
+from tests.messages import raw_task_message
 
 TIMEOUT = 60
 
@@ -151,3 +166,170 @@ def test_a_gpu_that_fails_to_start_says_why_in_status_and_in_every_answer(
     finally:
         cluster.stop()
         configure(settings)
+
+
+# -- a Redis blip, redelivery, time limits ------------------------------------------------
+
+
+def _running(client: redis.Redis, log: str) -> bool:
+    return bool(client.get(f"{log}:running"))
+
+
+def _unacked(client: redis.Redis, gpu: int = 0) -> int:
+    """Requests GPU ``gpu`` has taken and not acknowledged."""
+    return int(client.hlen(f"gpu-tasks:unacked:gpu.{NODE}.{gpu}"))
+
+
+def _generation(gpu: int = 0) -> int:
+    return int(stats.apply_async(queue=f"gpu.{NODE}.{gpu}").get(timeout=TIMEOUT)["generation"])
+
+
+@pytest.mark.parametrize("blip", ["restart", "pause"])
+def test_a_redis_blip_under_a_running_task_keeps_the_device_state(
+        blip: str, tmp_path: Path, settings: Settings) -> None:
+    # Given a worker holding an entity's buffer and running a request of that entity
+    server = RedisServer(tmp_path / "redis").start()
+    own = settings.replace(redis_url=server.url, data_dir=str(tmp_path / "data"),
+                           redis_timeout_s=2.0)
+    cluster = LocalCluster(own, gpus=1, backend="sim", flower=False)
+    try:
+        configure(own)
+        cluster.start()
+        client = redis.Redis.from_url(server.url)
+        alloc.apply_async(kwargs={"entity_id": "e", "name": "x", "shape": [2]}).get(TIMEOUT)
+        write.apply_async(kwargs={"entity_id": "e", "name": "x", "values": [1, 2]}).get(TIMEOUT)
+        before = _generation()
+        pending = usertasks.record.apply_async(kwargs={"entity_id": "e", "log": "ran",
+                                                       "seconds": 3.0})
+        wait_until(lambda: _running(client, "ran"), timeout=TIMEOUT, what="never started")
+        # When Redis goes away for a moment (restarted, or frozen for 3 s)
+        if blip == "restart":
+            server.restart()
+        else:
+            os.kill(server.process.pid, signal.SIGSTOP)
+            time.sleep(3.0)  # the fault itself lasts 3 s: nothing to wait for
+            os.kill(server.process.pid, signal.SIGCONT)
+        # Then the running request finishes, once, on the same pool child
+        result = wait_until(lambda: _result_or_none(pending), timeout=TIMEOUT,
+                            what="the running request never finished")
+        assert result["generation"] == before
+        assert client.lrange("ran", 0, -1) == [b"e:0"]
+        # And the GPU kept the entity's buffer, with its values
+        assert _generation() == before
+        kept = read.apply_async(kwargs={"entity_id": "e", "name": "x", "as_list": True})
+        assert kept.get(timeout=TIMEOUT)["values"] == [1.0, 2.0]
+        # And nothing is left behind to run again later
+        wait_until(lambda: not _unacked(client), timeout=TIMEOUT,
+                   what="an answered request is still unacknowledged")
+        assert client.lrange("ran", 0, -1) == [b"e:0"]
+    finally:
+        cluster.stop()
+        server.stop()
+        configure(settings)
+
+
+def _result_or_none(pending: Any) -> Any:
+    """The request's result once it has one; None while Redis is still away or it runs."""
+    try:
+        return pending.get(timeout=2)
+    except (BrokerUnavailable, CeleryTimeoutError):
+        return None
+
+
+def test_a_redelivered_request_that_completed_is_answered_again_not_run_twice(
+        cluster: LocalCluster, client: redis.Redis) -> None:
+    # Given a scale that completed on GPU 0, whose result never reached Redis (the worker
+    # lost Redis as it stored it: the message stays unacknowledged and comes back)
+    from tests.test_cluster import entity_on
+
+    e = entity_on(cluster, 0, "redelivered")
+    alloc.apply_async(kwargs={"entity_id": e, "name": "x", "shape": [1]}).get(TIMEOUT)
+    write.apply_async(kwargs={"entity_id": e, "name": "x", "values": [3]}).get(TIMEOUT)
+    before = _generation()
+    queue = shard_name(shard_index(e, ShardMapStore(client).shard_count()))
+    kwargs = {"entity_id": e, "kernel": "scale", "x": "x", "alpha": 2.0}
+    task_id, message = raw_task_message("gpu_tasks.run", kwargs, queue)
+    client.lpush(queue, message)
+    first = AsyncResult(task_id).get(timeout=TIMEOUT)
+    client.delete(f"celery-task-meta-{task_id}")
+    # When Redis delivers it again (marked redelivered, as kombu's restore marks it)
+    payload = json.loads(message)
+    mark_redelivered(payload)
+    client.lpush(queue, json.dumps(payload))
+    # Then it is answered with the same result, and the buffer was scaled once, not twice
+    assert AsyncResult(task_id).get(timeout=TIMEOUT) == first
+    kept = read.apply_async(kwargs={"entity_id": e, "name": "x", "as_list": True})
+    assert kept.get(timeout=TIMEOUT)["values"] == [6.0]
+    assert _generation() == before
+
+
+def test_a_redelivered_free_of_a_buffer_already_gone_succeeds(
+        cluster: LocalCluster, client: redis.Redis) -> None:
+    # Given an entity whose buffer a first delivery of a free already freed
+    from tests.test_cluster import entity_on
+
+    e = entity_on(cluster, 1, "freed-twice")
+    alloc.apply_async(kwargs={"entity_id": e, "name": "x", "shape": [1]}).get(TIMEOUT)
+    free.apply_async(kwargs={"entity_id": e, "name": "x"}).get(TIMEOUT)
+    queue = shard_name(shard_index(e, ShardMapStore(client).shard_count()))
+    # When the free is delivered again, then it succeeds: the buffer is gone, as asked
+    task_id, message = raw_task_message("gpu_tasks.free", {"entity_id": e, "name": "x"}, queue)
+    payload = json.loads(message)
+    mark_redelivered(payload)
+    client.lpush(queue, json.dumps(payload))
+    again = AsyncResult(task_id).get(timeout=TIMEOUT)
+    assert again["freed"] == [] and again["already_gone"] == ["x"]
+    # And a free of a buffer that never existed, delivered once, is still an error
+    with pytest.raises(NoSuchBuffer, match="'x'"):
+        free.apply_async(kwargs={"entity_id": e, "name": "x"}).get(timeout=TIMEOUT)
+
+
+def test_a_request_past_its_soft_time_limit_is_stopped_and_the_gpu_keeps_its_buffers(
+        cluster: LocalCluster) -> None:
+    from tests.test_cluster import entity_on
+
+    # Given an entity with a buffer on GPU 2
+    e = entity_on(cluster, 2, "soft-limit")
+    alloc.apply_async(kwargs={"entity_id": e, "name": "kept", "shape": [2]}).get(TIMEOUT)
+    before = _generation(2)
+    # When one of its requests runs past its soft time limit
+    slow = usertasks.slow.apply_async(kwargs={"entity_id": e, "seconds": 30, "marker": "m"},
+                                      soft_time_limit=1, time_limit=20)
+    # Then it is stopped there and answered with a typed error naming the limit
+    with pytest.raises(TaskTimeLimitExceeded, match=r"soft time limit \(1 s\)") as raised:
+        slow.get(timeout=TIMEOUT)
+    assert raised.value.soft and raised.value.limit_s == 1.0
+    # And the pool child, and every buffer, stayed
+    assert _generation(2) == before
+    names = read.apply_async(kwargs={"entity_id": e, "name": "kept"}).get(TIMEOUT)
+    assert names["shape"] == [2]
+    assert read.apply_async(kwargs={"entity_id": e, "name": "m"}).get(TIMEOUT)["shape"] == [1]
+
+
+def test_a_request_past_its_hard_time_limit_is_answered_and_the_loss_is_named(
+        cluster: LocalCluster) -> None:
+    from tests.test_cluster import entity_on
+
+    # Given an entity with a buffer on GPU 3
+    e = entity_on(cluster, 3, "hard-limit")
+    alloc.apply_async(kwargs={"entity_id": e, "name": "kept", "shape": [2]}).get(TIMEOUT)
+    before = _generation(3)
+    # When one of its requests runs past its hard time limit (no soft limit before it)
+    slow = usertasks.slow.apply_async(kwargs={"entity_id": e, "seconds": 30, "marker": "m"},
+                                      time_limit=1.5, soft_time_limit=1000)
+    # Then it is answered with a typed error saying what the GPU lost
+    with pytest.raises(TaskTimeLimitExceeded, match=r"hard time limit \(1.5 s\).*were lost"
+                       ) as raised:
+        slow.get(timeout=TIMEOUT)
+    assert not raised.value.soft
+    # And the GPU serves again, from a fresh pool child, naming what was lost
+    assert wait_until(lambda: _generation(3) > before, timeout=TIMEOUT)
+    with pytest.raises(EntityStateLost, match="'kept'"):
+        read.apply_async(kwargs={"entity_id": e, "name": "kept"}).get(timeout=TIMEOUT)
+
+
+def test_the_soft_time_limit_must_be_below_the_hard_one() -> None:
+    with pytest.raises(ConfigError, match=r"task_soft_time_limit_s .* must be below"):
+        Settings(task_time_limit_s=60, task_soft_time_limit_s=60)
+    assert Settings.from_env({"GPU_TASKS_TASK_SOFT_TIME_LIMIT_S": "30"}).task_soft_time_limit_s \
+        == 30.0

@@ -27,7 +27,7 @@ from gpu_tasks.fleet import FleetRegistry, GpuRecord
 from gpu_tasks.lease import Holder
 from gpu_tasks.settings import Settings
 from gpu_tasks.unacked import restore_unacked, unacked_keys
-from workers import control, ownership, runtime, taskcounts
+from workers import control, ownership, request, runtime, taskcounts
 from workers.consumption import CONSUMER, Consumption, bootstep
 from workers.runtime import DeviceRuntime, WorkerIdentity
 from workers.transport import TRANSPORT, Guard, install_guard
@@ -144,6 +144,7 @@ def run_worker(
     app.steps["consumer"].add(bootstep(consumption))
     control.install()
     install_executor()
+    request.install(settings)
     counts = taskcounts.install(identity.queue)
     counts.write_to(FleetRegistry(client))  # this process's own; each pool child resets it
 

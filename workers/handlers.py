@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from gpu_tasks import tasks
-from gpu_tasks.errors import BadRequest
+from gpu_tasks.errors import BadRequest, NoSuchBuffer, StaleHandle
 from workers import ownership, shardstate
 from workers.runtime import EntityContext, GpuContext, element_range
 
@@ -99,7 +99,14 @@ def read(gpu: EntityContext, name: Any, as_list: Any = False, generation: Any = 
 
 
 def free(gpu: EntityContext, name: Any = None) -> dict[str, Any]:
-    freed = gpu.free(name)
+    try:
+        freed = gpu.free(name)
+    except (NoSuchBuffer, StaleHandle):
+        if not gpu.redelivered:
+            raise
+        # Delivered again after a first delivery that may have freed it (its worker died
+        # or lost Redis before acknowledging): the buffer is gone, which is what was asked.
+        return {"freed": [], "freed_bytes": 0, "already_gone": [name]}
     return {"freed": [b.name for b in freed], "freed_bytes": sum(b.nbytes for b in freed)}
 
 

@@ -31,13 +31,21 @@ from typing import Any
 import numpy as np
 from celery.exceptions import CeleryError, Reject, SoftTimeLimitExceeded
 
-from gpu_tasks.errors import BadRequest, ContextPoisoned, DeviceError, GpuTasksError, RoutingError
+from gpu_tasks.errors import (
+    BadRequest,
+    ContextPoisoned,
+    DeviceError,
+    GpuTasksError,
+    RoutingError,
+    TaskTimeLimitExceeded,
+)
 from gpu_tasks.fleet import FleetRegistry, GpuRecord
 from gpu_tasks.routing import gpu_queue, shard_index, shard_name, validate_entity_id, worker_name
 from gpu_tasks.settings import Settings
 from gpu_tasks.shardmap import ShardMapStore
 from workers import kernels, ownership, values
 from workers.backend import Backend, Buffer, DevicePoisoned, create_backend
+from workers.completed import MISSING, Completed
 from workers.ledger import BufferLedger
 from workers.store import BufferStore
 from workers.taskcounts import TaskCounts
@@ -96,9 +104,14 @@ class EntityContext:
     buf.dtype, gpudata=buf.allocation)``) and a numpy byte array on ``sim``.
     """
 
-    def __init__(self, runtime: DeviceRuntime, entity_id: str, shard: int) -> None:
+    def __init__(self, runtime: DeviceRuntime, entity_id: str, shard: int,
+                 redelivered: bool = False) -> None:
         self.entity_id = entity_id
         self.shard = shard_name(shard)
+        self.redelivered = redelivered
+        """Redis delivered this request before (its worker died, or lost its connection,
+        before acknowledging it): a body that is not idempotent may check what is already
+        done. A copy of a request this pool child completed never reaches the body."""
         self.device: Backend = runtime.backend
         self.store: BufferStore = runtime.store
         self.settings: Settings = runtime.settings
@@ -212,6 +225,8 @@ class DeviceRuntime:
         """Why this child must end after the task at hand (a poisoned context), or None."""
         self._seen_epoch = -2
         self._tasks = 0
+        self.completed = Completed()
+        """Results of the requests this child completed last, for redelivered copies."""
         # The cycle collector runs in whichever thread allocates at the wrong moment; a
         # backend whose device objects must be finalised on the task thread gets it there
         # (after_task) and nowhere else.
@@ -447,8 +462,49 @@ def execute(
     kwargs: dict[str, Any],
 ) -> Any:
     """Run one GPU task body on this GPU (the executor ``gpu_tasks.task`` calls): an
-    entity request on its entity's context, a GPU-queue request on the GPU's."""
+    entity request on its entity's context, a GPU-queue request on the GPU's.
+
+    A redelivered copy of a request this pool child completed is answered with the result
+    it completed with (:mod:`workers.completed`), not run again. A request past its soft
+    time limit is answered :class:`TaskTimeLimitExceeded`."""
     runtime = current()
+    request = task.request
+    redelivered = bool((request.delivery_info or {}).get("redelivered"))
+    if redelivered:
+        done = runtime.completed.result(request.id)
+        if done is not MISSING:
+            log.warning("%s %s was delivered again after it completed here: answered with "
+                        "the same result, not run again", task.name, request.id)
+            return done
+    try:
+        value = _execute(runtime, task, body, entity_id, args, kwargs, redelivered)
+    except SoftTimeLimitExceeded:
+        limit_s = _soft_limit_s(task, runtime.settings)
+        raise TaskTimeLimitExceeded(
+            f"{task.name} ran past its soft time limit ({limit_s:g} s) and was interrupted; "
+            f"{runtime.identity.queue} kept its buffers, with what the task had written so "
+            "far (raise the limit with soft_time_limit=, or GPU_TASKS_TASK_SOFT_TIME_LIMIT_S)",
+            limit_s, True) from None
+    runtime.completed.remember(request.id, value)
+    return value
+
+
+def _soft_limit_s(task: Any, settings: Settings) -> float:
+    """The soft limit a request ran under: its own, its task's, or the worker's."""
+    limits = task.request.timelimit or (None, None)
+    soft = limits[1] if len(limits) > 1 else None
+    return float(soft or task.soft_time_limit or settings.task_soft_time_limit_s)
+
+
+def _execute(
+    runtime: DeviceRuntime,
+    task: Any,
+    body: Callable[..., Any],
+    entity_id: object,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    redelivered: bool,
+) -> Any:
     runtime.sync_ownership()
     ctx: EntityContext | GpuContext
     eid: str | None = None
@@ -462,7 +518,7 @@ def execute(
             raise BadRequest(str(exc), "entity_id") from None
         shard = runtime.serve(eid, task.name)
         runtime.store.touch(eid)
-        ctx = EntityContext(runtime, eid, shard)
+        ctx = EntityContext(runtime, eid, shard, redelivered)
     _bind(body, ctx, args, kwargs)
     with runtime.guard():
         try:
