@@ -55,6 +55,7 @@ STATUS_OF: tuple[tuple[type[BaseException], int], ...] = (
     (errors.StaleHandle, 410),         # EntityStateLost too: allocate it again to go on
     (errors.OutOfMemory, 507),         # Insufficient Storage: the GPU or the quota is full
     (errors.ContextPoisoned, 500),     # the request broke the device context (rebuilt)
+    (errors.TaskTimeLimitExceeded, 504),  # the task ran past its soft or hard time limit
     (errors.DeviceError, 500),         # any other device failure
     (errors.ShardMapError, 503),       # no shard map yet, or S could not be read
     (OperationalError, 503),           # Redis refused or timed out (BrokerUnavailable too)
