@@ -280,6 +280,42 @@ return 0
 """
 
 
+class HeldLetters:
+    """Dead letters a worker could not store yet: Redis failed between handing it the
+    message and taking its dead letter. The message is off its queue by then, so the
+    worker holds the letter and stores it once Redis answers (:meth:`store`), instead of
+    losing it. Bounded: past ``limit`` letters the oldest is dropped, and logged."""
+
+    def __init__(self, limit: int = 64) -> None:
+        self.letters: list[DeadLetter] = []
+        self.limit = limit
+        self.dropped = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.letters)
+
+    def hold(self, letter: DeadLetter) -> DeadLetter | None:
+        """Keep ``letter``; returns the one dropped to make room, if any."""
+        self.letters.append(letter)
+        if len(self.letters) > self.limit:
+            self.dropped += 1
+            return self.letters.pop(0)
+        return None
+
+    def store(self, client: redis.Redis) -> int:
+        """Store every held letter in one transaction; how many. Raises the Redis error
+        (keeping them all) while Redis still fails."""
+        if not self.letters:
+            return 0
+        pipe = client.pipeline(transaction=True)
+        store = DeadLetterStore(client)
+        for letter in self.letters:
+            store.add(letter, pipe)
+        pipe.execute()
+        stored, self.letters = len(self.letters), []
+        return stored
+
+
 class DeadLetterStore:
     """Reads and writes dead letters; writers take an optional pipeline to compose."""
 

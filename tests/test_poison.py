@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 import pytest
 import redis
+from celery.result import AsyncResult
 from kombu.exceptions import DecodeError
 
 from gpu_tasks.cluster import LocalCluster
@@ -310,3 +311,34 @@ def test_check_message_accepts_what_producers_send() -> None:
     assert check_message(raw.encode(), max_bytes=1 << 20, max_nesting=4).reason == ""
     letter = DeadLetter.of(b"x" * 10, "shard-1", "why")
     assert (letter.raw, letter.truncated) == (b"x" * 10, False)
+
+
+def test_a_dead_letter_redis_refuses_is_held_and_stored_once_redis_takes_writes(
+        settings: Settings, tmp_path: Path) -> None:
+    # Given a worker on a Redis of its own, which then refuses to store dead letters (as
+    # a Redis at maxmemory refuses writes, while pops still succeed)
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        with own_cluster(settings, server.url, tmp_path, gpus=1) as cluster:
+            client = client_of(cluster)
+            e, queue = entity_of_shard("held", cluster.settings.shard_count)
+            client.acl_setuser("default", enabled=True, nopass=True, keys=["*"],
+                               channels=["*"], commands=["+@all", "-xadd"])
+            # When a message the worker refuses arrives, and its dead letter is refused
+            task_id, message = raw_task_message("no.such.task", {"entity_id": e}, queue)
+            client.lpush(queue, message)
+            wait_until(lambda: client.llen(queue) == 0, timeout=TIMEOUT,
+                       what="the worker never took the message")
+            assert DeadLetterStore(client).count() == 0
+            # Then once Redis takes them again, the held letter is stored and answered
+            client.acl_setuser("default", enabled=True, nopass=True, keys=["*"],
+                               channels=["*"], commands=["+@all"])
+            letters = wait_until(lambda: DeadLetterStore(client).list(), timeout=TIMEOUT,
+                                 what="the held dead letter was never stored")
+            assert letters[0].task_id == task_id and "no.such.task" in letters[0].reason
+            with pytest.raises(DeadLettered, match=r"no\.such\.task"):
+                AsyncResult(task_id).get(timeout=TIMEOUT)
+            assert alloc.apply_async(kwargs={"entity_id": e, "name": "x", "shape": [1]}).get(
+                timeout=TIMEOUT)["gpu"] == GPU
+    finally:
+        server.stop()

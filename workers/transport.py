@@ -42,7 +42,7 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads as kombu_loads
 
-from gpu_tasks.deadletter import Checked, DeadLetter, DeadLetterStore, check_message
+from gpu_tasks.deadletter import Checked, DeadLetter, DeadLetterStore, HeldLetters, check_message
 from gpu_tasks.errors import ConfigError
 from gpu_tasks.unacked import SOURCE, mark_redelivered, source_queue
 
@@ -64,6 +64,8 @@ class Guard:
 
 
 _guard = Guard()
+_held = HeldLetters()
+"""Dead letters refused while Redis failed, stored at the next fetch (one per process)."""
 
 
 def install_guard(guard: Guard) -> None:
@@ -212,6 +214,8 @@ class GpuChannel(kombu_redis.Channel):  # type: ignore[misc]
             timeout = self.brpop_timeout
         if not self.active_queues:
             return
+        if _held:
+            self._store_held()
         command = self.brpop_command(timeout)
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]
@@ -265,9 +269,23 @@ class GpuChannel(kombu_redis.Channel):  # type: ignore[misc]
                 DeadLetterStore(client).add(letter)
         except Exception as exc:
             # Never end the worker over a message it refused. It is off its queue already
-            # and Redis is failing, so the log keeps it.
-            log.error("could not store the dead letter (%s); its first bytes: %r", exc,
-                      raw[:2048])
+            # and Redis is failing: hold the letter and store it once Redis answers.
+            log.error("could not store the dead letter yet (%s); holding it until Redis "
+                      "answers", exc)
+            dropped = _held.hold(letter)
+            if dropped is not None:
+                log.error("too many dead letters held: dropped the oldest, from %s (task "
+                          "%s %s: %s); its first bytes: %r", dropped.queue, dropped.task,
+                          dropped.task_id, dropped.reason, dropped.raw[:2048])
+
+    def _store_held(self) -> None:
+        try:
+            with self.conn_or_acquire() as client:
+                stored = _held.store(client)
+        except Exception as exc:  # Redis still fails: try again at the next fetch
+            log.debug("held dead letters not stored yet: %s", exc)
+            return
+        log.warning("stored %d dead letters held while Redis failed", stored)
 
     def _do_restore_message(self, payload: Any, exchange: str, routing_key: str,
                             pipe: Any, leftmost: bool = False) -> None:
