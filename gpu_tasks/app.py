@@ -22,11 +22,12 @@ from kombu import pools as kombu_pools
 from kombu.exceptions import OperationalError
 
 from gpu_tasks import errors as _errors  # noqa: F401  (results rebuild these exceptions)
+from gpu_tasks import redisurl
 from gpu_tasks import settings as _settings
-from gpu_tasks.broker import TRANSPORT, broker_unavailable
+from gpu_tasks.broker import SENTINEL_TRANSPORT, TRANSPORT, broker_unavailable
 from gpu_tasks.envelope import plain_kwargs
 from gpu_tasks.errors import BrokerUnavailable, RoutingError, ShardMapError
-from gpu_tasks.results import ResultBackend
+from gpu_tasks.results import ResultBackend, SentinelResultBackend
 from gpu_tasks.routing import EntityRouter
 from gpu_tasks.settings import Settings
 from gpu_tasks.shardmap import ShardMapStore
@@ -59,6 +60,8 @@ class GpuCelery(Celery):  # type: ignore[misc]
 
     def _get_backend(self) -> Any:
         url = self.conf.result_backend
+        if isinstance(url, str) and url.startswith("sentinel://"):
+            return SentinelResultBackend(app=self, url=url)
         if isinstance(url, str) and url.startswith(_REDIS_SCHEMES):
             return ResultBackend(app=self, url=url)
         return super()._get_backend()
@@ -76,7 +79,9 @@ class GpuCelery(Celery):  # type: ignore[misc]
         except BrokerUnavailable:
             raise
         except OperationalError as exc:
-            raise broker_unavailable(f"cannot send {name}", self.conf.broker_url, exc) from exc
+            # The settings' URL: the broker's names only the first of several Sentinels.
+            url = _settings.current().redis_url or self.conf.broker_url
+            raise broker_unavailable(f"cannot send {name}", url, exc) from exc
 
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -118,7 +123,7 @@ GPU_WORKER_FLAG = "gpu_tasks_gpu_worker"
 
 def celery_config(settings: Settings, entity_router: EntityRouter) -> dict[str, Any]:
     """Celery settings that follow from ours; one place, so every process agrees."""
-    url = settings.redis_url or _UNCONFIGURED_URL
+    target = redisurl.parse(settings.redis_url or _UNCONFIGURED_URL)
     # The visibility timeout must be the same everywhere Celery reads it and longer
     # than any task, or Redis hands a running task to a second worker.
     transport: dict[str, Any] = {"visibility_timeout": int(settings.visibility_timeout_s)}
@@ -131,14 +136,20 @@ def celery_config(settings: Settings, entity_router: EntityRouter) -> dict[str, 
     # polls one key per shard queue instead of four.
     broker_transport = {**transport, "priority_steps": [0], "socket_timeout": attempt_s,
                         "socket_connect_timeout": attempt_s}
+    # Sentinel's master name and Sentinels, and TLS, the same for broker and backend; the
+    # URLs themselves without the parameters only gpu-tasks reads (redisurl).
+    found_by = target.transport_options(attempt_s)
+    tls = target.ssl_options()
     return {
-        "broker_url": url,
-        "result_backend": url,
-        "broker_transport": TRANSPORT if url.startswith(_REDIS_SCHEMES) else None,
-        "broker_transport_options": broker_transport,
+        "broker_url": target.broker_url,
+        "result_backend": target.backend_url,
+        "broker_transport": SENTINEL_TRANSPORT if target.sentinel else TRANSPORT,
+        "broker_transport_options": {**broker_transport, **found_by},
+        "broker_use_ssl": tls or False,
+        "redis_backend_use_ssl": tls,
         "broker_connection_timeout": attempt_s,
         "task_publish_retry_policy": retry,
-        "result_backend_transport_options": {**transport, "retry_policy": retry},
+        "result_backend_transport_options": {**transport, "retry_policy": retry, **found_by},
         "redis_socket_timeout": attempt_s,
         "redis_socket_connect_timeout": attempt_s,
         "broker_connection_retry_on_startup": True,

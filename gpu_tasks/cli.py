@@ -78,15 +78,52 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except GpuTasksError as exc:
             raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            from gpu_tasks import settings as settings_module
-
-            where = settings_module.current().redis_url_shown
+        except redis.AuthenticationError as exc:
             raise click.ClickException(
-                f"cannot reach Redis at {where} (within GPU_TASKS_REDIS_TIMEOUT_S): "
+                f"Redis at {_redis_shown()} refused the login (the user or password in "
+                f"GPU_TASKS_REDIS_URL): {type(exc).__name__}: {exc}") from None
+        except redis.exceptions.NoPermissionError as exc:
+            raise click.ClickException(
+                f"Redis at {_redis_shown()} refused a command to this user (its ACL; "
+                f"ops/redis-users.acl has what gpu-tasks needs): {exc}") from None
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise click.ClickException(
+                f"cannot reach Redis at {_redis_shown()} (within GPU_TASKS_REDIS_TIMEOUT_S): "
                 f"{type(exc).__name__}: {exc}") from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _redis_shown() -> str:
+    from gpu_tasks import settings as settings_module
+
+    return settings_module.current().redis_url_shown
+
+
+def _check_login(settings: Settings) -> None:
+    """Fail now, in one line, where Redis refuses the login or cannot prove who it is (TLS):
+    Flower and the exporter would otherwise start and fail every page or scrape until
+    someone fixes the configuration. Redis merely down is no reason: they say so, and
+    recover when it is back."""
+    import ssl
+
+    import redis
+
+    client = settings.redis_client()
+    try:
+        client.ping()
+    except redis.AuthenticationError:
+        raise
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        seen: list[BaseException] = []
+        link: BaseException | None = exc
+        while link is not None and link not in seen:  # redis-py's retries make cycles
+            if isinstance(link, ssl.SSLError) or "CERTIFICATE_VERIFY_FAILED" in str(link):
+                raise
+            seen.append(link)
+            link = link.__cause__ or link.__context__
+    finally:
+        client.close()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -904,7 +941,7 @@ def exporter(ctx: click.Context, port: int, address: str) -> None:
     from gpu_tasks.metrics import serve
 
     settings = _settings(ctx)
-    settings.require_redis_url()
+    _check_login(settings)
     stop = threading.Event()
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
@@ -1023,6 +1060,7 @@ def flower(ctx: click.Context, port: int, address: str, basic_auth: str | None,
     settings = _settings(ctx)
     settings.require_redis_url()
     auth = resolve_auth(settings, basic_auth, no_auth, address)
+    _check_login(settings)
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     argv = flower_argv(settings, port=port, address=address)
     host = f"[{address}]" if ":" in address else (address or "0.0.0.0")

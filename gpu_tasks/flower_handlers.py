@@ -147,12 +147,17 @@ class _ListsQueuesWithWork:
 
     Flower picks its broker client by the scheme of the app's broker URI, which names
     gpu-tasks' transport class rather than ``redis``, so on its own it answers 404
-    "'redis' broker is not supported"; the URL in the settings is the plain one."""
+    "'redis' broker is not supported"; the URL in the settings, as kombu gets it, is the
+    plain one (with the Sentinels' master name in the transport options)."""
 
     def get_broker(self) -> Any:
         capp = self.capp  # type: ignore[attr-defined]
-        return Broker(_settings.current().require_redis_url(), http_api=None,
-                      broker_options=capp.conf.broker_transport_options,
+        target = _settings.current().redis_target()
+        options = dict(capp.conf.broker_transport_options)
+        if target.sentinel:  # the Sentinels' login is not among the options (redisurl)
+            options["sentinel_kwargs"] = {**options.get("sentinel_kwargs", {}),
+                                          **target.sentinel_login()}
+        return Broker(target.broker_url, http_api=None, broker_options=options,
                       broker_use_ssl=capp.conf.broker_use_ssl)
 
     def get_active_queue_names(self) -> list[str]:

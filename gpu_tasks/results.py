@@ -15,10 +15,13 @@ from __future__ import annotations
 from typing import Any
 
 import redis
-from celery.backends.redis import RedisBackend
+import redis.sentinel
+from celery.backends.redis import RedisBackend, SentinelBackend
 from celery.backends.redis import ResultConsumer as CeleryResultConsumer
 
+from gpu_tasks import settings as _settings
 from gpu_tasks.broker import broker_unavailable
+from gpu_tasks.redisurl import one_attempt, sentinel_login
 
 _UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
 
@@ -68,3 +71,21 @@ class ResultBackend(RedisBackend):  # type: ignore[misc]
         except _UNAVAILABLE as exc:
             raise broker_unavailable("cannot read results", self.url or "", exc,
                                      sending=False) from exc
+
+
+class SentinelResultBackend(ResultBackend, SentinelBackend):  # type: ignore[misc]
+    """:class:`ResultBackend` of a master found through Redis Sentinel (``sentinel://``):
+    Celery's ``SentinelBackend`` finds the master, this class's methods do the rest."""
+
+    def _get_sentinel_instance(self, **params: Any) -> Any:
+        # One attempt per Sentinel (redisurl.one_attempt): redis-py would retry a Sentinel
+        # that is down for seconds before asking the next one. Their login comes from the
+        # settings, as the broker's does (gpu_tasks.broker.EverySentinel).
+        options = self._transport_options
+        hosts = params.pop("hosts")
+        return redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            [(cp["host"], cp["port"]) for cp in hosts],
+            min_other_sentinels=options.get("min_other_sentinels", 0),
+            sentinel_kwargs={**(options.get("sentinel_kwargs") or {}),
+                             **sentinel_login(_settings.current().redis_url), **one_attempt()},
+            **params)

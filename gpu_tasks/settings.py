@@ -16,7 +16,9 @@ from typing import Any
 
 import redis
 
+from gpu_tasks import redisurl
 from gpu_tasks.errors import ConfigError
+from gpu_tasks.redisurl import redacted_url
 
 ENV_PREFIX = "GPU_TASKS_"
 BACKENDS = ("auto", "pycuda", "sim")
@@ -58,9 +60,11 @@ def parse_size(text: str) -> int:
 class Settings:
     """Everything a producer or worker needs to know, with units in the names."""
 
-    redis_url: str | None = None
-    """Broker, result backend, shard map and fleet registry. None: ``gpu-tasks up``
-    starts an embedded redis-server; other commands refuse."""
+    redis_url: str | None = field(default=None, repr=False)
+    """Broker, result backend, shard map and fleet registry: ``redis://``, ``rediss://``
+    (TLS) or ``sentinel://`` (forms in :mod:`gpu_tasks.redisurl`). None:
+    ``gpu-tasks up`` starts an embedded redis-server; other commands refuse. May hold a
+    password: never printed, logged or shown in ``repr`` (:attr:`redis_url_shown` is)."""
     node: str = field(default_factory=_short_hostname)
     """This host's name in queue and worker names: ``gpu.<node>.<i>``, ``gpu<i>@<node>``."""
     shard_count: int = 1024
@@ -163,6 +167,8 @@ class Settings:
     Flower's pages and REST API. A secret: never printed, logged or shown in ``repr``."""
 
     def __post_init__(self) -> None:
+        if self.redis_url:
+            redisurl.parse(self.redis_url)  # a malformed URL fails here, saying why
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
         if self.shard_count < 1:
@@ -233,12 +239,13 @@ class Settings:
 
     def redis_client(self) -> redis.Redis:
         """A client for the deployment's Redis (shard map, leases, fleet registry, queues),
-        with :attr:`redis_timeout_s` as its connect and socket timeout."""
-        return redis.Redis.from_url(
-            self.require_redis_url(),
-            socket_timeout=self.redis_timeout_s,
-            socket_connect_timeout=self.redis_timeout_s,
-        )
+        with :attr:`redis_timeout_s` as its connect and socket timeout: of the current
+        master where the URL names Sentinels, with TLS and the login the URL says."""
+        return self.redis_target().client(self.redis_timeout_s)
+
+    def redis_target(self) -> redisurl.RedisTarget:
+        """The Redis URL, read (:mod:`gpu_tasks.redisurl`)."""
+        return redisurl.parse(self.require_redis_url())
 
     def require_redis_url(self) -> str:
         if not self.redis_url:
@@ -252,20 +259,6 @@ class Settings:
     def redis_url_shown(self) -> str:
         """The Redis URL as output may show it: without its password."""
         return redacted_url(self.redis_url) if self.redis_url else "(not set)"
-
-
-def redacted_url(url: str) -> str:
-    """``url`` with the password (if any) replaced by ``***``, for messages and logs."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    netloc, slash, path = rest.partition("/")
-    userinfo, at, host = netloc.rpartition("@")
-    if not at:
-        return url
-    user, colon, _password = userinfo.partition(":")
-    shown = f"{user}:***" if colon else ("***" if user else "")
-    return f"{scheme}://{shown}@{host}{slash}{path}"
 
 
 # Sizes take units ("512MiB"), so their variables drop the _BYTES of the field name.

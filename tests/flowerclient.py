@@ -119,3 +119,30 @@ def _quietly(check: Any) -> bool:
         return bool(check())
     except OSError:
         return False
+
+
+def every_flower_page(cluster: LocalCluster) -> list[str]:
+    """Start Flower for ``cluster`` (started without) and read its pages and API with its
+    login, and the worker configuration its Config tab shows: for tests that look for
+    what must not be there (a password)."""
+    cluster.start_flower()
+    wait_until(cluster._flower_answers, timeout=60, interval=0.2,
+               what=lambda: cluster.flower.log_tail() if cluster.flower else "")
+    flower = client_of(cluster)
+    workers = flower.workers([f"gpu{i}@{cluster.settings.node}" for i in range(cluster.gpus)])
+    pages = [json.dumps(workers)]
+    for path in ["/", "/workers", "/tasks", "/broker", "/api/queues/length",
+                 f"/worker/gpu0@{cluster.settings.node}", "/api/tasks",
+                 f"/api/workers?workername=gpu0@{cluster.settings.node}&refresh=1"]:
+        reply = flower.get(path)
+        assert reply.status == 200, (path, reply.status, reply.body[:500])
+        pages.append(reply.body)
+    # The worker's configuration (Flower's "Config" tab: Celery's inspect conf) names the
+    # broker and the backend with their passwords masked
+    from gpu_tasks.app import app
+
+    conf = app.control.inspect(destination=[f"gpu0@{cluster.settings.node}"],
+                               timeout=5).conf() or {}
+    assert conf, "the worker did not answer inspect conf"
+    pages.append(json.dumps(conf, default=str))
+    return pages

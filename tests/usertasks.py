@@ -57,6 +57,22 @@ def record(gpu: Any, log: str, seq: int = 0, seconds: float = 0.0) -> dict[str, 
     return {"seq": seq}
 
 
+@gpu_task(name="tests.record_file")
+def record_file(gpu: Any, path: str, seq: int, seconds: float = 0.0) -> dict[str, Any]:
+    """Sleep ``seconds``, then append ``<seq> <unix time>`` to the file ``path`` once per
+    execution: for tests that count executions where Redis itself fails over (and may lose
+    what was written to it), so the count cannot live there."""
+    if seconds:
+        time.sleep(seconds)
+    # One small O_APPEND write per line: lines from several workers never interleave.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, f"{seq} {time.time():.3f}\n".encode())
+    finally:
+        os.close(fd)
+    return {"seq": seq}
+
+
 @gpu_task(name="tests.step")
 def step(gpu: Any, log: str, seq: int) -> dict[str, Any]:
     """Step ``seq`` of the entity's history (tests/history.py): read its counter, write

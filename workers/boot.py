@@ -30,7 +30,7 @@ from gpu_tasks.unacked import restore_unacked, unacked_keys
 from workers import control, ownership, request, runtime, taskcounts
 from workers.consumption import CONSUMER, Consumption, bootstep
 from workers.runtime import DeviceRuntime, WorkerIdentity
-from workers.transport import TRANSPORT, Guard, install_guard
+from workers.transport import Guard, install_guard, transport_for
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def run_worker(
                     "finished", identity.queue, restored)
     app.conf.update(
         {GPU_WORKER_FLAG: identity.queue},
-        broker_transport=TRANSPORT,
+        broker_transport=transport_for(settings),
         broker_transport_options={**app.conf.broker_transport_options,
                                   **unacked_keys(identity.queue)},
         worker_consumer=CONSUMER,

@@ -104,7 +104,7 @@ class Consumption:
     def stats(self) -> dict[str, Any]:
         """This GPU's device and shards for ``inspect stats`` (:mod:`workers.stats`)."""
         if self._registry is None:
-            self._registry = FleetRegistry(registry_client(self.settings.require_redis_url()))
+            self._registry = FleetRegistry(registry_client(self.settings))
         return device_stats(self.gpu, self._registry, shards=len(self.owned), epoch=self.epoch)
 
     # -- every map_poll_s ------------------------------------------------------------

@@ -21,16 +21,16 @@ from typing import Any
 import redis
 
 from gpu_tasks.fleet import FleetRegistry, GpuRecord
+from gpu_tasks.settings import Settings
 
 REGISTRY_TIMEOUT_S = 0.5
 """Longest ``stats`` waits for the fleet registry before answering without the device."""
 
 
-def registry_client(redis_url: str) -> redis.Redis:
+def registry_client(settings: Settings) -> redis.Redis:
     """A client for the registry read, apart from the worker's own (whose timeouts are
     the deployment's ``redis_timeout_s``, seconds too long to hold the event loop)."""
-    return redis.Redis.from_url(redis_url, socket_timeout=REGISTRY_TIMEOUT_S,
-                                socket_connect_timeout=REGISTRY_TIMEOUT_S)
+    return settings.replace(redis_timeout_s=REGISTRY_TIMEOUT_S).redis_client()
 
 
 def _size(n: int) -> str:

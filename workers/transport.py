@@ -37,13 +37,18 @@ from dataclasses import dataclass
 from queue import Empty
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads as kombu_loads
 
+from gpu_tasks import settings as _settings
+from gpu_tasks.broker import EverySentinel
 from gpu_tasks.deadletter import Checked, DeadLetter, DeadLetterStore, HeldLetters, check_message
 from gpu_tasks.errors import ConfigError
+from gpu_tasks.redisurl import redacted_url
+from gpu_tasks.settings import Settings
 from gpu_tasks.unacked import SOURCE, mark_redelivered, source_queue
 
 log = logging.getLogger(__name__)
@@ -167,7 +172,17 @@ class GpuChannel(kombu_redis.Channel):  # type: ignore[misc]
         self._brpop_keys = b""
         self._brpop_offsets: list[int] = [0]
         self._brpop_next = 0
-        super().__init__(*args, **kwargs)
+        try:
+            super().__init__(*args, **kwargs)  # connects (kombu PINGs)
+        except redis.AuthenticationError as exc:
+            # kombu and Celery count a refused login as a lost connection and retry it for
+            # about an hour (100 attempts, backing off to 30 s), serving nothing. It stays
+            # refused until someone changes the password or the ACL: exit non-zero instead
+            # (Celery's "Unrecoverable error"), so that systemd restarts the worker, with
+            # the new password if there is one, and the reason is in its log.
+            shown = redacted_url(_settings.current().redis_url or "")
+            raise ConfigError(f"Redis at {shown} refused the GPU worker's login (the user or "
+                              f"password in GPU_TASKS_REDIS_URL): {exc}") from exc
         if self.global_keyprefix:
             raise ConfigError("GPU workers do not support kombu's global_keyprefix")
         self.priority_steps = [0]
@@ -313,5 +328,25 @@ class GpuTransport(kombu_redis.Transport):  # type: ignore[misc]
         super()._deliver(message, queue)
 
 
+class SentinelGpuChannel(EverySentinel, GpuChannel,  # type: ignore[misc]
+                         kombu_redis.SentinelChannel):
+    """:class:`GpuChannel` of a master found through Redis Sentinel: the same BRPOP, checks,
+    source stamps and requeueing; only where its connections go differs."""
+
+
+class SentinelGpuTransport(GpuTransport):
+    """:class:`GpuTransport` through Redis Sentinel (``sentinel://``)."""
+
+    Channel = SentinelGpuChannel
+    default_port = kombu_redis.SentinelTransport.default_port  # type: ignore[assignment]
+
+
 TRANSPORT = f"{GpuTransport.__module__}:{GpuTransport.__qualname__}"
 """``broker_transport`` of a GPU worker."""
+SENTINEL_TRANSPORT = f"{SentinelGpuTransport.__module__}:{SentinelGpuTransport.__qualname__}"
+"""``broker_transport`` of a GPU worker whose Redis URL names Sentinels."""
+
+
+def transport_for(settings: Settings) -> str:
+    """The GPU worker's ``broker_transport`` for the deployment's Redis URL."""
+    return SENTINEL_TRANSPORT if settings.redis_target().sentinel else TRANSPORT
