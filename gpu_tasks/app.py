@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import datetime
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import redis
 from celery import Celery, signals
 from celery.app.amqp import AMQP
+from celery.exceptions import CPendingDeprecationWarning
 from kombu import pools as kombu_pools
 from kombu.exceptions import OperationalError
 
@@ -222,6 +224,16 @@ def _refuse_plain_workers(instance: Any = None, **_: Any) -> None:
             "A plain `celery worker` would take GPU requests off their queues and could not "
             "run them."
         )
+
+
+@signals.worker_ready.connect(weak=False)
+def _quiet_the_cancel_warning(**_: Any) -> None:
+    # At every lost broker connection Celery warns that it will cancel running tasks then
+    # by default in 6.0; this app sets worker_cancel_long_running_tasks_on_connection_loss
+    # explicitly (celery_config), so the warning tells an operator nothing. Installed once
+    # the worker is ready: its logging setup puts an "always" filter before any earlier one.
+    warnings.filterwarnings("ignore", message=r"\s*In Celery 5\.1 we introduced an optional",
+                            category=CPendingDeprecationWarning)
 
 
 def _drop_connections() -> None:
