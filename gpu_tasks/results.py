@@ -21,6 +21,7 @@ from celery.backends.redis import ResultConsumer as CeleryResultConsumer
 
 from gpu_tasks import settings as _settings
 from gpu_tasks.broker import broker_unavailable
+from gpu_tasks.errors import BrokerUnavailable
 from gpu_tasks.redisurl import one_attempt, sentinel_login
 
 _UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
@@ -45,7 +46,13 @@ class ResultConsumer(CeleryResultConsumer):  # type: ignore[misc]
         key = self._get_key_for_task(task_id)
         if key not in self.subscribed_to and key not in self._pending_unsubscribe:
             return
-        super().cancel_for(task_id)
+        try:
+            super().cancel_for(task_id)
+        except (BrokerUnavailable, *_UNAVAILABLE):
+            # Redis is away: the subscription went with the connection, and the next get()
+            # subscribes afresh. This runs from AsyncResult.__del__, where raising would
+            # only print a traceback from the garbage collector.
+            pass
 
 
 class ResultBackend(RedisBackend):  # type: ignore[misc]

@@ -6,9 +6,11 @@ must fail a call within ``redis_timeout_s`` with ``BrokerUnavailable``, never bl
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
+import sys
 import time
 import uuid
 from collections import Counter
@@ -18,6 +20,7 @@ from typing import Any
 
 import pytest
 import redis
+from celery.exceptions import TimeoutError as CeleryTimeoutError
 from kombu.exceptions import OperationalError
 
 from gpu_tasks.app import configure
@@ -197,3 +200,34 @@ def test_password_is_not_in_the_error(settings: Settings) -> None:
         configure(settings)
     assert isinstance(error, BrokerUnavailable)
     assert "s3cret" not in str(error) and "user:***@127.0.0.1:1" in str(error)
+
+
+def test_a_result_dropped_while_redis_is_away_goes_quietly(
+        own_redis: tuple[RedisServer, Settings], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a producer that waited on results (subscribed to them), with no worker to answer
+    server, own = own_redis
+    for name in ("x", "y"):
+        waited_and_timed_out(alloc.apply_async(
+            kwargs={"entity_id": "e", "name": name, "shape": [1]}))
+    # When its results are dropped (the app configured again; a web server's at its exit)
+    # and collected while Redis is away
+    unraisable: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    configure(own)
+    server.stop()
+    gc.collect()
+    # Then nothing is printed from the garbage collector: the subscriptions went with the
+    # connection, and the next get() subscribes afresh
+    assert [str(u.exc_value) for u in unraisable] == []
+    server.start()
+    waited_and_timed_out(alloc.apply_async(kwargs={"entity_id": "e", "name": "z",
+                                                   "shape": [1]}))
+
+
+def waited_and_timed_out(pending: Any) -> None:
+    """Wait briefly for ``pending`` (subscribing to it); keep no traceback that holds it."""
+    try:
+        pending.get(timeout=0.2)
+    except CeleryTimeoutError:
+        return
+    raise AssertionError("a result came without a worker")
