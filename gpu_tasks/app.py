@@ -68,6 +68,13 @@ class GpuCelery(Celery):  # type: ignore[misc]
             return ResultBackend(app=self, url=url)
         return super()._get_backend()
 
+    def type_checker(self, fun: Any, bound: bool = False) -> Any:
+        # Celery's check of apply_async's arguments raises a bare TypeError; a producer
+        # gets the BadArguments (a BadRequest naming the field) the worker would answer.
+        from gpu_tasks.task import checked_arguments
+
+        return staticmethod(checked_arguments(super().type_checker(fun, bound=bound).__func__))
+
     def send_task(self, name: str, args: Any = None, kwargs: Any = None,
                   **options: Any) -> Any:
         # Declaring the shard queue's kombu binding on every publish costs a call about

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 import redis
+from celery.utils.time import maybe_iso8601
 
 from gpu_tasks.errors import DeadLetterError
 
@@ -126,10 +127,6 @@ def _optional(value: Any, *types: type) -> bool:
     return value is None or isinstance(value, types)
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 class Checked(NamedTuple):
     """What :func:`check_message` found."""
 
@@ -190,7 +187,28 @@ def check_message(raw: bytes, *, max_bytes: int, max_nesting: int, tasks: Any = 
     if not (isinstance(decoded, list) and len(decoded) == 3 and isinstance(decoded[0], list)
             and isinstance(decoded[1], dict) and _optional(decoded[2], dict)):
         return Checked(payload, "body is not a Celery protocol-2 [args, kwargs, embed] list")
+    reason = _embed_problem(decoded[2] or {})
+    if reason:
+        return Checked(payload, reason)
     return Checked(payload, "", body, decoded)
+
+
+def _embed_problem(embed: dict[str, Any]) -> str:
+    """The workflow fields Celery reads after the task ran: a wrong type there fails the
+    request with a bare ValueError or TypeError after its work is done."""
+    for name in ("callbacks", "errbacks", "chain"):
+        value = embed.get(name)
+        if not (value is None or (isinstance(value, list)
+                                  and all(isinstance(s, dict) for s in value))):
+            return f"body embed.{name} {_shown(value)} is not a list of signatures or null"
+    if not _optional(embed.get("chord"), dict):
+        return f"body embed.chord {_shown(embed.get('chord'))} is not a signature or null"
+    return ""
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _envelope_problem(payload: dict[str, Any], tasks: Any) -> str:
@@ -236,8 +254,23 @@ def _header_problem(headers: dict[str, Any]) -> str:
                                       for t in limit))):
         return f"headers.timelimit {limit!r} is not [soft, hard] (numbers or null)"
     for name in ("eta", "expires"):
-        if not (_optional(headers.get(name), str) or _number(headers.get(name))):
-            return f"headers.{name} {headers.get(name)!r} is not a date or null"
+        value = headers.get(name)
+        if value is None:
+            continue
+        # Celery reads an empty one as none and then fails on it (the worker dies), and
+        # drops one it cannot parse without a word (InvalidTaskError): neither may pass.
+        try:
+            when = maybe_iso8601(value) if isinstance(value, str) and value else None
+        except (ValueError, TypeError, AttributeError, OverflowError):
+            when = None
+        if when is None:
+            return f"headers.{name} {_shown(value)} is not an ISO 8601 date or null"
+    stamped = headers.get("stamped_headers")
+    if not (stamped is None or (isinstance(stamped, list)
+                                and all(isinstance(h, str) for h in stamped))):
+        return f"headers.stamped_headers {_shown(stamped)} is not a list of names or null"
+    if not _optional(headers.get("stamps"), dict):
+        return f"headers.stamps {_shown(headers.get('stamps'))} is not an object or null"
     for name in ("root_id", "parent_id", "group", "shadow", "lang", "origin", "argsrepr",
                  "kwargsrepr"):
         if not _optional(headers.get(name), str):

@@ -15,6 +15,7 @@
           +-- DeadLettered     the worker refused the request (malformed, or it kept ending
           |                    the pool child): it is in the dead-letter stream, never run
           +-- BadRequest       a request field is wrong (the field is named)
+          |    +-- BadArguments  arguments that do not fit the task (also a TypeError)
           +-- OutOfMemory      the GPU (or the entity's quota) cannot hold the allocation
           +-- NoSuchBuffer     the entity has no buffer of that name on this GPU
           +-- StaleHandle      the buffer belonged to an older context generation
@@ -32,6 +33,7 @@ from __future__ import annotations
 from kombu.exceptions import OperationalError
 
 __all__ = [
+    "BadArguments",
     "BadRequest",
     "BatchError",
     "BrokerUnavailable",
@@ -143,6 +145,12 @@ class BadRequest(DeviceError, ValueError):
     @property
     def field(self) -> str | None:
         return self.args[1] if len(self.args) > 1 else None
+
+
+class BadArguments(BadRequest, TypeError):
+    """The request's arguments do not fit its task's signature (missing, unknown, or named
+    ``self``): refused at submit, nothing enqueued, or by the worker for a message sent
+    without that check. Also a ``TypeError``, which Celery's own check raises."""
 
 
 class OutOfMemory(DeviceError):

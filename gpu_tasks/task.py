@@ -31,12 +31,13 @@ code.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar, overload
 
 from celery import Task
 
-from gpu_tasks.errors import BadRequest, DeviceError
+from gpu_tasks.errors import BadArguments, DeviceError
 from gpu_tasks.routing import ENTITY_KWARG, QUEUE_ADDRESSED_TASK_NAMES, ROUTED_TASK_NAMES
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -70,9 +71,9 @@ class _AfterTask:
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         # Celery's own Task.__call__ (which the worker calls) names its first parameter
         # ``self``: a request with a keyword argument of that name would fail there with a
-        # bare TypeError. No task body can take it, so it is refused here, as a BadRequest.
+        # bare TypeError. No task body can take it, so it is refused here, as BadArguments.
         if "self" in kwargs:
-            raise BadRequest(f"bad arguments: {self.name} takes no argument 'self'", "self")
+            raise BadArguments(f"bad arguments: {self.name} takes no argument 'self'", "self")
         return super().__call__(*args, **kwargs)  # type: ignore[misc]
 
     def after_return(self, *args: Any, **kwargs: Any) -> None:
@@ -136,6 +137,25 @@ def _celery_signature(fn: Callable[..., Any], entity: bool) -> inspect.Signature
         else []
     )
     return inspect.Signature([self_param, *positional, *extra, *keyword, *varkw])
+
+
+_QUOTED = re.compile(r"'([^']+)'")
+
+
+def checked_arguments(check: Callable[..., Any]) -> Callable[..., Any]:
+    """Celery's submit-time check of a call's arguments (``Task.__header__``, made by
+    ``GpuCelery.type_checker``), raising :class:`BadArguments` naming the field where it
+    raises a bare ``TypeError``."""
+
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return check(*args, **kwargs)
+        except TypeError as exc:
+            match = _QUOTED.search(str(exc))
+            raise BadArguments(f"bad arguments: {exc}; nothing was enqueued",
+                               match.group(1) if match else None) from None
+
+    return checked
 
 
 def _declare(body: F, name: str | None, base: type[Task], entity: bool,

@@ -162,6 +162,13 @@ def test_bad_requests_name_the_field_and_the_worker_keeps_serving(
         (run, {"kernel": "scale", "x": "m", "alpha": "two"}, "alpha"),
         (run, {"kernel": "sgemm", "a": "m", "b": "m", "c": "m", "alpha": float("nan")},
          "alpha"),
+        (alloc, {"name": "\ud800", "shape": [1]}, "name"),
+        (read, {"name": "\udfff"}, "name"),
+        (run, {"kernel": "sum", "x": "\ud800"}, "x"),
+        # Refused at submit (BadArguments), nothing enqueued
+        (alloc, {"name": "z"}, "shape"),
+        (free, {"name": "m", "out": 1}, "out"),
+        (write, {"name": "m", "values": [1], "self": 1}, "self"),
     ]
     for task, kwargs, field in cases:
         with pytest.raises(BadRequest) as raised:

@@ -145,6 +145,24 @@ def bad_messages(queue: str, planted: Path) -> list[tuple[str, bytes, str]]:
         ("too big", os.urandom(MAX_MESSAGE + (1 << 20)), "over the"),
         ("kwargs body ok, wrong embed", spoiled(body=b64(json.dumps([*body[:2], 7]).encode())),
          "[args, kwargs, embed]"),
+        # Found by fuzzing (benchmarks/fuzz.py): each ended the worker, was dropped without
+        # an answer, or failed the request with a bare error after it ran.
+        ("empty eta", spoiled(headers__eta=""), "headers.eta"),
+        ("numeric eta", spoiled(headers__eta=5), "headers.eta"),
+        ("numeric expires", spoiled(headers__expires=2), "headers.expires"),
+        ("unparseable expires", spoiled(headers__expires="soon"), "headers.expires"),
+        ("stamped_headers a number", spoiled(headers__stamped_headers=5e-324),
+         "stamped_headers"),
+        ("stamped_headers of lists", spoiled(headers__stamped_headers=[["a"]],
+                                             headers__stamps={"a": 1}), "stamped_headers"),
+        ("stamps a list", spoiled(headers__stamped_headers=["a"], headers__stamps=[1]),
+         "headers.stamps"),
+        ("chain a string", spoiled(body=b64(json.dumps([*body[:2], {"chain": "x"}]).encode())),
+         "embed.chain"),
+        ("errbacks a number", spoiled(body=b64(json.dumps(
+            [*body[:2], {"errbacks": 6.8e16}]).encode())), "embed.errbacks"),
+        ("chord a list", spoiled(body=b64(json.dumps([*body[:2], {"chord": []}]).encode())),
+         "embed.chord"),
     ]
 
 

@@ -32,6 +32,7 @@ import numpy as np
 from celery.exceptions import CeleryError, Reject, SoftTimeLimitExceeded
 
 from gpu_tasks.errors import (
+    BadArguments,
     BadRequest,
     ContextPoisoned,
     DeviceError,
@@ -451,7 +452,7 @@ def _bind(
         sig.bind(ctx, *args, **kwargs)
     except TypeError as exc:
         match = _QUOTED.search(str(exc))
-        raise BadRequest(f"bad arguments: {exc}", match.group(1) if match else None) from None
+        raise BadArguments(f"bad arguments: {exc}", match.group(1) if match else None) from None
 
 
 def execute(

@@ -61,6 +61,12 @@ def parse_shape(shape: object) -> tuple[int, ...]:
 def parse_name(name: object, field: str = "name") -> str:
     if not isinstance(name, str) or not name or len(name) > 256:
         raise BadRequest(f"{field} must be a buffer name (1-256 characters), got {name!r}", field)
+    if not name.isascii():
+        try:  # the name is stored in Redis (the buffer ledger, handoffs) as UTF-8
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest(f"{field} {name!r} is not valid Unicode text (it holds a lone "
+                             "surrogate)", field) from None
     return name
 
 
