@@ -11,16 +11,18 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 EXTRAS      ?= worker,ops,dev
 ARGS        ?=
+CHAOS_ARGS  ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv install run test lint typecheck bench clean distclean
+.PHONY: help venv install run test lint typecheck bench chaos clean distclean
 
 help:
 	@echo "make run [ARGS=--once]   start Redis, GPU workers, Flower and run the demo (gpu-tasks up)"
 	@echo "make test [PYTEST_ARGS=] ruff, mypy and pytest (what CI runs)"
 	@echo "make lint | typecheck    ruff check | mypy alone"
 	@echo "make bench [BENCH_ARGS=] router, drain and end-to-end benchmarks; rewrites BENCHMARKS.md"
+	@echo "make chaos [CHAOS_ARGS=] fuzzing (10,000 cases) and faults; writes BENCHMARKS.md's Reliability"
 	@echo "make venv                create $(VENV) and install the project into it"
 	@echo "make clean | distclean   remove run data and caches | also $(VENV) and .dist"
 
@@ -49,6 +51,11 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.report --output BENCHMARKS.md $(BENCH_ARGS)
+
+# About 15 minutes on 2 cores; CHAOS_ARGS=--no-long-outage leaves out the 60 s Redis outage,
+# CHAOS_ARGS='--only redis-blip' runs one part (its figures replace the whole section).
+chaos: $(STAMP)
+	$(PY) -m benchmarks.chaos --output BENCHMARKS.md $(CHAOS_ARGS)
 
 clean:
 	rm -rf .gpu-tasks .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.chaos import section_of
 from benchmarks.common import (
     REPO_ROOT,
     command_line,
@@ -434,6 +435,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not output.is_absolute():
         output = REPO_ROOT / output
     text = markdown(results, commands, failures, date)
+    # The Reliability section is make chaos's (benchmarks/chaos.py): kept as it was.
+    kept = section_of(output.read_text()) if output.exists() else None
+    if kept:
+        text = text.rstrip("\n") + "\n\n" + kept
     output.write_text(text)
     print(text)
     console.print(f"wrote {output}")
