@@ -6,7 +6,10 @@ Every ``interval_s`` (``gpu-tasks coordinator``, a systemd unit in ``ops/``) it:
    coordinators one acts and the others stand by, so two never act at once;
 2. finishes or rolls back handoffs that nobody drives any more (their driver died);
 3. fails over every GPU whose lease has been expired for ``failover_after_s``
-   (:mod:`gpu_tasks.failover`);
+   (:mod:`gpu_tasks.failover`), counted while Redis answered: after Redis was away (down,
+   restarted, hung) every lease has run out, because no worker could renew it, so a GPU is
+   failed over only if its worker has not taken its lease again ``failover_after_s`` after
+   Redis answers this coordinator again (workers take it again within seconds);
 4. with ``auto_rebalance``, when a live, undrained GPU owns no shard (one joined, or came
    back empty after a failover), rebalances, at most ``max_moves`` handoffs a round.
 
@@ -81,6 +84,21 @@ class Coordinator:
         self._claim = client.register_script(_CLAIM)
         self.maps = ShardMapStore(client)
         self.leases = LeaseStore(client)
+        self._redis_failed = False
+        self._redis_back_at: float | None = None
+        """When Redis answered again after this coordinator last saw it fail (monotonic)."""
+
+    def redis_failed(self) -> None:
+        """Tell the coordinator that a round failed on Redis (:meth:`run` does): until
+        Redis has answered again for ``failover_after_s``, no GPU is failed over."""
+        self._redis_failed = True
+
+    def _gone_for_s(self, gpu: str) -> float | None:
+        """How long ``gpu``'s lease has been expired while Redis answered."""
+        gone = self.leases.gone_for_s(gpu)
+        if gone is not None and self._redis_back_at is not None:
+            gone = min(gone, time.monotonic() - self._redis_back_at)
+        return gone
 
     def holds_lease(self) -> bool:
         """Take or renew the coordinator lease; False while another coordinator holds it."""
@@ -105,6 +123,12 @@ class Coordinator:
         """One round (see the module docstring)."""
         if not self.holds_lease():
             return Tick(acting=False)
+        if self._redis_failed:
+            self._redis_failed = False
+            self._redis_back_at = time.monotonic()
+            log.warning("coordinator: Redis answers again; it fails over the GPUs whose "
+                        "workers have not taken their lease again %gs from now",
+                        self.failover_after_s)
         tick = Tick(acting=True)
         try:
             shard_map = self.maps.load()
@@ -116,7 +140,7 @@ class Coordinator:
                    if not handoffs.driven(self.client, s.handoff)]
         gpus = {g for s in shard_map.shards for g in (s.owner, s.target) if g}
         for gpu in sorted(gpus - live):
-            gone = self.leases.gone_for_s(gpu)
+            gone = self._gone_for_s(gpu)
             if gone is None or gone < self.failover_after_s:
                 continue
             try:
@@ -155,7 +179,11 @@ class Coordinator:
                 try:
                     self.tick()
                 except redis.RedisError as exc:
-                    log.warning("coordinator: Redis: %s; trying again", exc)
+                    if not self._redis_failed:
+                        log.warning("coordinator: Redis: %s; trying again every %gs, and "
+                                    "failing no GPU over until %gs after it answers", exc,
+                                    self.interval_s, self.failover_after_s)
+                    self.redis_failed()
                 stop.wait(max(0.0, self.interval_s - (time.monotonic() - started)))
         finally:
             with contextlib.suppress(redis.RedisError):

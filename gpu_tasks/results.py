@@ -60,6 +60,11 @@ class ResultBackend(RedisBackend):  # type: ignore[misc]
 
     ResultConsumer = ResultConsumer
 
+    def exception_safe_to_retry(self, exc: Exception) -> bool:
+        # What this class raises for a down or hung Redis (get() wraps redis's errors) is as
+        # safe to retry as those errors (result_backend_always_retry, set by GPU workers).
+        return isinstance(exc, BrokerUnavailable) or super().exception_safe_to_retry(exc)
+
     def on_task_call(self, producer: Any, task_id: str) -> None:
         """Nothing to do at submit: ``get()`` subscribes (``add_pending_result``)."""
 

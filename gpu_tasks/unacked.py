@@ -48,16 +48,24 @@ def mark_redelivered(payload: Any) -> None:
         payload["properties"]["delivery_info"]["redelivered"] = True
 
 
-def restore_unacked(client: redis.Redis, gpu: str) -> int:
+def restore_unacked(client: redis.Redis, gpu: str,
+                    keep: frozenset[str] | None = None) -> int:
     """Put every message ``gpu``'s last worker had taken and not acknowledged back at the
     head of its source queue, earliest taken first in line; returns how many.
 
     Only whoever speaks for ``gpu`` may call this: its worker at boot, holding its lease,
-    or failover once its lease has expired for good; nobody else touches these keys."""
+    or failover once its lease has expired for good; nobody else touches these keys. A
+    worker that lost Redis for a while and holds its lease again puts back what it no
+    longer holds, and passes what it still runs or holds as ``keep`` (delivery tags)."""
     keys = unacked_keys(gpu)
     order = client.zrange(keys["unacked_index_key"], 0, -1)
     held = client.hgetall(keys["unacked_key"])
+    if keep is not None:
+        kept = {tag.encode() for tag in keep}
+        held = {tag: entry for tag, entry in held.items() if tag not in kept}
     tags = [t for t in order if t in held] + [t for t in held if t not in set(order)]
+    if keep is not None and not tags:
+        return 0
     pipe = client.pipeline(transaction=True)
     restored = 0
     for tag in reversed(tags):  # RPUSH each at the head, the latest first
@@ -73,6 +81,11 @@ def restore_unacked(client: redis.Redis, gpu: str) -> int:
         mark_redelivered(payload)
         pipe.rpush(queue, json.dumps(payload))
         restored += 1
-    pipe.delete(keys["unacked_key"], keys["unacked_index_key"])
+    if keep is not None:
+        # Only what was put back: a kept delivery's entry stays until it is acknowledged.
+        pipe.hdel(keys["unacked_key"], *tags)
+        pipe.zrem(keys["unacked_index_key"], *tags)
+    else:
+        pipe.delete(keys["unacked_key"], keys["unacked_index_key"])
     pipe.execute()
     return restored

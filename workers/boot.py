@@ -132,6 +132,11 @@ def run_worker(
         broker_transport_options={**app.conf.broker_transport_options,
                                   **unacked_keys(identity.queue)},
         worker_consumer=CONSUMER,
+        # A result that cannot be stored while Redis is away is stored once it is back
+        # (tried again every 2 s at most), not lost or replaced by a BrokerUnavailable
+        # failure: the request ran, and its message is acknowledged after its result.
+        result_backend_always_retry=True,
+        result_backend_max_sleep_between_retries_ms=2000,
         worker_proc_alive_timeout=settings.device_open_timeout_s,
         # From the first task on where Flower watches (GPU_TASKS_TASK_EVENTS; `gpu-tasks
         # up` sets it): Flower's own enable_events broadcast comes seconds after it starts

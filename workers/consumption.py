@@ -14,6 +14,16 @@ Because the event loop renews the lease, a frozen or wedged main process stops
 renewing it, and the GPU counts as gone after ``lease_ttl_s``. If the lease is lost
 (another worker took the GPU over while this one was frozen or cut off from
 Redis), the worker stops consuming and exits with :data:`EXIT_LEASE_LOST`.
+
+**Redis outages.** A worker outlives a Redis that is down, restarted or hung, however
+long: it keeps its pool child and so its device state, retries the connection every 2 s
+at most (:class:`GpuConsumer`), and takes its lease again when Redis answers (it expired
+meanwhile, but nobody else took it). What it had taken and could not acknowledge while
+Redis was away (an acknowledgement lost with the connection, a request Celery dropped
+with its closed channel) is still in the GPU's unacked keys; once Redis answers and the
+lease is held again, every entry there that no request of this worker holds any more
+goes back to the head of its queue (:meth:`Consumption.put_back_abandoned`), instead of
+waiting for the next restart of the worker or for the visibility timeout.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from gpu_tasks.lease import Holder, LeaseStore, Renewal
 from gpu_tasks.routing import shard_name
 from gpu_tasks.settings import Settings
 from gpu_tasks.shardmap import ShardMapStore
+from gpu_tasks.unacked import restore_unacked
 from workers.fence import Fence, View
 from workers.ownership import OwnershipTable
 from workers.stats import device_stats, registry_client
@@ -54,6 +65,7 @@ class Consumption:
         self.holder = holder
         self.settings = settings
         self.table = table
+        self.client = client
         self.leases = LeaseStore(client)
         self.maps = ShardMapStore(client)
         self.view = View(gpu)
@@ -62,6 +74,10 @@ class Consumption:
         self.owned: list[int] = []
         self._timer: Any = None
         self._redis_down_since: float | None = None
+        self._started = False
+        self._interrupted = False
+        """Redis was away since the lease was last renewed (a failed renewal, or Celery
+        restarted the consumer after losing its connection)."""
         self._registry: FleetRegistry | None = None
 
     # -- the lease -------------------------------------------------------------------
@@ -91,6 +107,9 @@ class Consumption:
 
     def start(self, c: Consumer) -> None:
         c.gpu_fence = self.fence
+        if self._started:
+            self._interrupted = True  # Celery restarts its consumer after a lost connection
+        self._started = True
         self.tick(c, force=True)
         self._timer = c.timer.call_repeatedly(self.settings.map_poll_s, self.tick, (c,))
 
@@ -115,6 +134,7 @@ class Consumption:
             renewal = self.leases.claim(self.gpu, self.holder, self.settings.lease_ttl_s,
                                         epoch=self.epoch, consuming=len(self.owned))
         except redis.RedisError as exc:
+            self._interrupted = True
             if self._redis_down_since is None:
                 self._redis_down_since = sent
                 log.warning("%s: cannot renew the lease (%s); requests stop running in "
@@ -129,8 +149,34 @@ class Consumption:
             self._lost(c, renewal)
             return
         self._renewed(renewal, sent)
+        if self._interrupted:
+            self.put_back_abandoned()
         if force or renewal.map_epoch != self.epoch:
             self.reconcile(c, renewal.map_epoch)
+
+    def put_back_abandoned(self) -> int:
+        """After Redis was away: put back at the head of its queue every request this
+        GPU's unacked keys hold that no request of this worker holds (see the module);
+        returns how many. Called holding the lease, from the event loop, where no delivery
+        is half made."""
+        held = frozenset(
+            tag for request in (*worker_state.requests.values(),
+                                *worker_state.active_requests,
+                                *worker_state.reserved_requests,
+                                *worker_state.scheduled_requests)
+            if isinstance(tag := getattr(request.message, "delivery_tag", None), str))
+        try:
+            restored = restore_unacked(self.client, self.gpu, keep=held)
+        except redis.RedisError as exc:
+            log.warning("%s: cannot check for requests abandoned while Redis was away (%s); "
+                        "trying again at the next tick", self.gpu, exc)
+            return 0
+        self._interrupted = False
+        if restored:
+            log.warning("%s: put back %d requests taken before Redis went away and not "
+                        "acknowledged, to run again (a finished one is answered, not run)",
+                        self.gpu, restored)
+        return restored
 
     def reconcile(self, c: Consumer, map_epoch: int) -> None:
         """Consume exactly the queues of the shards this GPU consumes at the map's epoch."""
@@ -222,10 +268,48 @@ def bootstep(consumption: Consumption) -> type[bootsteps.StartStopStep]:
     return ShardConsumption
 
 
+RECONNECT_INTERVALS_S = (0.5, 0.5, 2.0)
+"""How a GPU worker retries a lost broker connection (first wait, added per try, longest).
+Celery's consumer waits 2, 4, 6, ... up to 30 s between tries, so a worker came back up
+to 16 s after a Redis that had been away for a minute (30 s after a longer outage); with
+these it is back within 2 s of Redis."""
+RECONNECT_LOG_EVERY_S = 30.0
+"""While Redis stays away, a failed try is logged at most this often (the first at once)."""
+
+
 class GpuConsumer(Consumer):  # type: ignore[misc]
-    """Celery's consumer, with every fetched message passing the fence first."""
+    """Celery's consumer, with every fetched message passing the fence first, and a lost
+    broker connection retried every 2 s at most, without end."""
 
     gpu_fence: Fence | None = None
+
+    def ensure_connected(self, conn: Any) -> Any:
+        # Celery passes kombu's default intervals and gives up after
+        # broker_connection_max_retries (100: about 47 minutes with them, 3 with ours),
+        # ending the worker; a GPU worker keeps its device state and waits for Redis for as
+        # long as it takes (a warm shutdown still stops it: Celery's callback checks).
+        retry = conn.ensure_connection
+        start, step, longest = RECONNECT_INTERVALS_S
+        logged_at = [-RECONNECT_LOG_EVERY_S]
+
+        def quieter(errback: Any) -> Any:
+            def on_error(exc: Exception, interval: float) -> None:
+                now = time.monotonic()
+                if errback is not None and now - logged_at[0] >= RECONNECT_LOG_EVERY_S:
+                    logged_at[0] = now
+                    errback(exc, interval)
+            return on_error
+
+        def ensure_connection(errback: Any = None, max_retries: Any = None,
+                              **options: Any) -> Any:
+            options.update(interval_start=start, interval_step=step, interval_max=longest)
+            return retry(quieter(errback), None, **options)
+
+        conn.ensure_connection = ensure_connection
+        try:
+            return super().ensure_connected(conn)
+        finally:
+            del conn.ensure_connection  # the class's own again
 
     def create_task_handler(self, promise: Any = promise) -> Any:
         handle = super().create_task_handler(promise)

@@ -69,6 +69,13 @@ class Guard:
 
 
 _guard = Guard()
+
+_orphans: list[tuple[str, str]] = []
+"""``(queue, message)`` of each message this process popped from its queue and could not
+record as taken, because Redis went away between the two (kombu takes a message with a
+BRPOP and records it in the unacked keys with a second command): Redis holds it nowhere
+now, only this process does. The next channel, once Redis answers, puts them back at the
+head of their queues (:meth:`GpuChannel._put_back_orphans`)."""
 _held = HeldLetters()
 """Dead letters refused while Redis failed, stored at the next fetch (one per process)."""
 
@@ -86,6 +93,22 @@ def _bulk(arg: bytes) -> bytes:
 
 class GpuQoS(kombu_redis.QoS):  # type: ignore[misc]
     """kombu's ack emulation, requeueing at the head of the message's source queue."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        try:
+            super().append(message, delivery_tag)
+        except self.channel.connection_errors:
+            queue = source_queue(message._raw, message.delivery_info.get("routing_key"))
+            if queue:
+                # Marked redelivered: the unacked write may have happened all the same (its
+                # reply lost), and the worker then puts that copy back too; the second copy
+                # to come is answered from the first's result instead of running again.
+                payload = json.loads(json.dumps(message._raw))
+                mark_redelivered(payload)
+                _orphans.append((queue, json.dumps(payload)))
+                log.warning("Redis went away as %s was taken from %s: it goes back there "
+                            "once Redis answers", delivery_tag, queue)
+            raise
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         # Celery requeues a request when its pool child died running it
@@ -187,6 +210,21 @@ class GpuChannel(kombu_redis.Channel):  # type: ignore[misc]
             raise ConfigError("GPU workers do not support kombu's global_keyprefix")
         self.priority_steps = [0]
         self._queue_cycle = _Rotation(self)
+        self._put_back_orphans()
+
+    def _put_back_orphans(self) -> None:
+        """Put what an earlier channel of this process took and could not record (see
+        :data:`_orphans`) back at the head of its queues, the earliest taken first in
+        line; raises (Celery retries the connection) while Redis does not take them."""
+        if not _orphans:
+            return
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=True)
+            for queue, raw in reversed(_orphans):  # RPUSH: the head, the latest first
+                pipe.rpush(queue, raw)
+            pipe.execute()
+        log.warning("put back %d requests taken as Redis went away", len(_orphans))
+        _orphans.clear()
 
     def _update_queue_cycle(self) -> None:
         self._brpop_dirty = True
