@@ -136,10 +136,12 @@ def celery_config(settings: Settings, entity_router: EntityRouter) -> dict[str, 
     # The visibility timeout must be the same everywhere Celery reads it and longer
     # than any task, or Redis hands a running task to a second worker.
     transport: dict[str, Any] = {"visibility_timeout": int(settings.visibility_timeout_s)}
-    # A call gets at most two attempts (the second reconnects after a dropped connection,
-    # e.g. a restarted Redis), each with half the timeout: a web request handler waits at
+    # A call gets at most two tries (the second reconnects after a dropped connection, e.g.
+    # a restarted Redis). Against a hung Redis that is three waits: the first try's
+    # command, then the second's connect and its command (a hung server still accepts TCP
+    # connections). Each gets a third of the timeout, so a web request handler waits at
     # most redis_timeout_s for a down or hung Redis, never Celery's minutes.
-    attempt_s = settings.redis_timeout_s / 2
+    attempt_s = settings.redis_timeout_s / 3
     retry = {"max_retries": 1, "interval_start": 0, "interval_step": 0, "interval_max": 0}
     # One priority step: a shard's requests stay in one list, in order, and a worker
     # polls one key per shard queue instead of four.
