@@ -298,11 +298,20 @@ class DeviceRuntime:
         self._beat.start()
 
     def _beat_loop(self) -> None:
+        failing_since: float | None = None
         while not self._stop.wait(self.settings.heartbeat_s):
             try:
                 self.heartbeat()
-            except Exception as exc:  # Redis away: keep serving, say so, try again next beat
-                log.warning("heartbeat failed: %s", exc)
+            except Exception as exc:  # Redis away: keep serving, say so once, try again
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.warning("%s: heartbeat failed (%s); serving on, and trying every "
+                                "%gs", self.identity.queue, exc, self.settings.heartbeat_s)
+                continue
+            if failing_since is not None:
+                log.warning("%s: heartbeat written again after %.1fs", self.identity.queue,
+                            time.monotonic() - failing_since)
+                failing_since = None
 
     def stop(self) -> None:
         self._stop.set()
