@@ -51,7 +51,7 @@ def test_a_sentinel_url_gives_every_sentinel_the_master_name_and_both_logins() -
 
 
 def test_celery_and_kombu_get_one_sentinel_url_and_every_sentinel_in_the_options() -> None:
-    conf = conf_of(Settings(redis_url=SENTINELS, redis_timeout_s=4.0))
+    conf = conf_of(Settings(redis_url=SENTINELS, redis_timeout_s=6.0))
     # kombu: one address (a ';' list would make it switch to its stock transport on
     # failover); the Sentinels and the master's name in the transport options
     assert conf["broker_url"] == "sentinel://u:s3cret@10.0.0.1:26379/2"

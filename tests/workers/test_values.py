@@ -22,6 +22,7 @@ from gpu_tasks.routing import EntityRouter, validate_entity_id
 from gpu_tasks.settings import Settings
 from workers import handlers, runtime
 from workers.backend import Backend, create_backend
+from workers.completed import Completed
 from workers.kernels import launch
 from workers.runtime import EntityContext, element_range
 from workers.store import BufferStore
@@ -369,6 +370,7 @@ class _Runtime:
     def __init__(self, store: BufferStore) -> None:
         self.backend, self.store, self.settings = store.backend, store, Settings(
             max_entity_id_chars=32)
+        self.completed = Completed()
 
     def sync_ownership(self) -> None:
         pass
@@ -387,7 +389,8 @@ class _Runtime:
 @pytest.fixture()
 def executing(store: BufferStore) -> Iterator[Callable[..., Any]]:
     runtime.install(cast(Any, _Runtime(store)))
-    task = SimpleNamespace(name="gpu_tasks.test", flat_result=True)
+    task = SimpleNamespace(name="gpu_tasks.test", flat_result=True,
+                           request=SimpleNamespace(id="t1", delivery_info={}, timelimit=None))
 
     def run(body: Callable[..., Any], entity_id: object = "e", **kwargs: Any) -> Any:
         return runtime.execute(task, body, entity_id, (), kwargs)
