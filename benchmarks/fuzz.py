@@ -894,12 +894,16 @@ class Fuzzer:
         for queue in self.gpu_queues:
             if any(needle in v for v in self.client.lrange(queue, 0, -1)):
                 return "hang", f"still queued on {queue}"
+        if _asks_for_no_result(case.raw):
+            return "answered", "ran or refused without a result: it asked for none"
         return "vanished", "neither dead-lettered nor answered, and in no queue"
 
     def _judge_raw(self, case: RawCase, verdict: tuple[str, str], gpu_queue: str,
                    shard: str) -> list[str]:
         kind, detail = verdict
-        if kind == "answered":
+        if kind == "answered" and not detail.startswith("{"):
+            pass  # ignore_result: true (see _where)
+        elif kind == "answered":
             meta = json.loads(detail)
             result = meta.get("result")
             if meta.get("status") == "FAILURE":
@@ -926,6 +930,15 @@ class Fuzzer:
         queue = gpu_queue if case.on_gpu_queue else shard
         raw = case.raw if len(case.raw) <= 600 else case.raw[:600] + b"..."
         return f"redis.lpush({queue!r}, {raw!r})  # {len(case.raw)} bytes"
+
+
+def _asks_for_no_result(raw: bytes) -> bool:
+    """A well-formed message with ``ignore_result: true``: Celery stores no answer to it."""
+    try:
+        headers = json.loads(raw).get("headers")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(headers, dict) and headers.get("ignore_result") is True
 
 
 def owners_of(client: redis.Redis) -> tuple[int, dict[int, str]]:

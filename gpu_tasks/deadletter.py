@@ -265,6 +265,11 @@ def _header_problem(headers: dict[str, Any]) -> str:
             when = None
         if when is None:
             return f"headers.{name} {_shown(value)} is not an ISO 8601 date or null"
+    if not _optional(headers.get("ignore_result"), bool):
+        # Celery takes any truthy value for "store no result": a producer that sent junk
+        # there would wait for an answer that never comes.
+        return f"headers.ignore_result {_shown(headers.get('ignore_result'))} is not true, " \
+               "false or null"
     stamped = headers.get("stamped_headers")
     if not (stamped is None or (isinstance(stamped, list)
                                 and all(isinstance(h, str) for h in stamped))):

@@ -163,6 +163,7 @@ def bad_messages(queue: str, planted: Path) -> list[tuple[str, bytes, str]]:
             [*body[:2], {"errbacks": 6.8e16}]).encode())), "embed.errbacks"),
         ("chord a list", spoiled(body=b64(json.dumps([*body[:2], {"chord": []}]).encode())),
          "embed.chord"),
+        ("ignore_result a number", spoiled(headers__ignore_result=3.3), "ignore_result"),
     ]
 
 
