@@ -33,7 +33,7 @@ from gpu_tasks.shardmap import ShardMapStore
 from gpu_tasks.tasks import alloc, free, read, stats, write
 from gpu_tasks.unacked import mark_redelivered
 from tests import usertasks
-from tests.conftest import NODE, gpu_tasks_cli, wait_until
+from tests.conftest import NODE, gpu_tasks_cli, own_redis_cluster, wait_until
 from tests.messages import raw_task_message
 
 TIMEOUT = 60
@@ -188,13 +188,7 @@ def _generation(gpu: int = 0) -> int:
 def test_a_redis_blip_under_a_running_task_keeps_the_device_state(
         blip: str, tmp_path: Path, settings: Settings) -> None:
     # Given a worker holding an entity's buffer and running a request of that entity
-    server = RedisServer(tmp_path / "redis").start()
-    own = settings.replace(redis_url=server.url, data_dir=str(tmp_path / "data"),
-                           redis_timeout_s=2.0)
-    cluster = LocalCluster(own, gpus=1, backend="sim", flower=False)
-    try:
-        configure(own)
-        cluster.start()
+    with own_redis_cluster(settings, tmp_path, 1, redis_timeout_s=2.0) as (server, _):
         client = redis.Redis.from_url(server.url)
         alloc.apply_async(kwargs={"entity_id": "e", "name": "x", "shape": [2]}).get(TIMEOUT)
         write.apply_async(kwargs={"entity_id": "e", "name": "x", "values": [1, 2]}).get(TIMEOUT)
@@ -206,9 +200,9 @@ def test_a_redis_blip_under_a_running_task_keeps_the_device_state(
         if blip == "restart":
             server.restart()
         else:
-            os.kill(server.process.pid, signal.SIGSTOP)
+            server.pause()
             time.sleep(3.0)  # the fault itself lasts 3 s: nothing to wait for
-            os.kill(server.process.pid, signal.SIGCONT)
+            server.resume()
         # Then the running request finishes, once, on the same pool child
         result = wait_until(lambda: _result_or_none(pending), timeout=TIMEOUT,
                             what="the running request never finished")
@@ -222,10 +216,6 @@ def test_a_redis_blip_under_a_running_task_keeps_the_device_state(
         wait_until(lambda: not _unacked(client), timeout=TIMEOUT,
                    what="an answered request is still unacknowledged")
         assert client.lrange("ran", 0, -1) == [b"e:0"]
-    finally:
-        cluster.stop()
-        server.stop()
-        configure(settings)
 
 
 def _result_or_none(pending: Any) -> Any:
@@ -236,13 +226,15 @@ def _result_or_none(pending: Any) -> Any:
         return None
 
 
-def test_a_redelivered_request_that_completed_is_answered_again_not_run_twice(
-        cluster: LocalCluster, client: redis.Redis) -> None:
-    # Given a scale that completed on GPU 0, whose result never reached Redis (the worker
-    # lost Redis as it stored it: the message stays unacknowledged and comes back)
+@pytest.mark.parametrize("copy", ["redelivered", "sent twice"])
+def test_a_second_copy_of_a_request_that_completed_is_answered_again_not_run_twice(
+        copy: str, cluster: LocalCluster, client: redis.Redis) -> None:
+    # Given a scale that completed on GPU 0, and a second copy of its message: Redis delivers
+    # it again (the worker lost Redis as it stored the result, which never arrived), or a
+    # producer sent it twice (its publish to a hung Redis timed out and was retried)
     from tests.test_cluster import entity_on
 
-    e = entity_on(cluster, 0, "redelivered")
+    e = entity_on(cluster, 0, f"copied-{copy.replace(' ', '-')}")
     alloc.apply_async(kwargs={"entity_id": e, "name": "x", "shape": [1]}).get(TIMEOUT)
     write.apply_async(kwargs={"entity_id": e, "name": "x", "values": [3]}).get(TIMEOUT)
     before = _generation()
@@ -251,11 +243,14 @@ def test_a_redelivered_request_that_completed_is_answered_again_not_run_twice(
     task_id, message = raw_task_message("gpu_tasks.run", kwargs, queue)
     client.lpush(queue, message)
     first = AsyncResult(task_id).get(timeout=TIMEOUT)
-    client.delete(f"celery-task-meta-{task_id}")
-    # When Redis delivers it again (marked redelivered, as kombu's restore marks it)
     payload = json.loads(message)
-    mark_redelivered(payload)
+    if copy == "redelivered":
+        client.delete(f"celery-task-meta-{task_id}")
+        mark_redelivered(payload)  # as kombu's restore marks it
+    # When the copy arrives
     client.lpush(queue, json.dumps(payload))
+    wait_until(lambda: client.llen(queue) == 0 and not _unacked(client), timeout=TIMEOUT,
+               what="the copy was never taken")
     # Then it is answered with the same result, and the buffer was scaled once, not twice
     assert AsyncResult(task_id).get(timeout=TIMEOUT) == first
     kept = read.apply_async(kwargs={"entity_id": e, "name": "x", "as_list": True})

@@ -4,12 +4,14 @@ from here, not run again.
 Redis hands a request to a worker again whenever it cannot know that the first delivery
 finished: the worker lost its broker connection while the request ran (kombu puts the
 channel's unacknowledged messages back when it closes it), or the result could not be
-stored and the message was never acknowledged. The fence (:mod:`workers.fence`) skips a
-redelivered request whose result is already in Redis; a copy fetched while the first
-delivery still ran, or one whose result never reached Redis, reaches the pool child,
-and only the child knows it ran there. Running ``scale`` or ``axpy`` twice would
+stored and the message was never acknowledged. A producer sends one twice when its
+publish to a hung Redis timed out and was retried, though Redis had taken the first.
+The fence (:mod:`workers.fence`) skips a redelivered request whose result is already in
+Redis; a copy fetched while the first delivery still ran, one whose result never reached
+Redis, and a producer's second copy (not marked redelivered) reach the pool child, and
+only the child knows it ran there. Running ``scale`` or ``axpy`` twice would
 silently double what it did, so the child keeps the results of the requests it
-completed last and answers a redelivered copy with the same result.
+completed last and answers a second copy with the same result.
 
 A result too large to keep cheaply (a big ``read``) is not kept: running a read again
 changes nothing. A user's task with a large result is run again, with a warning.

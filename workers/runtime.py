@@ -227,7 +227,7 @@ class DeviceRuntime:
         self._seen_epoch = -2
         self._tasks = 0
         self.completed = Completed()
-        """Results of the requests this child completed last, for redelivered copies."""
+        """Results of the requests this child completed last, for second copies."""
         # The cycle collector runs in whichever thread allocates at the wrong moment; a
         # backend whose device objects must be finalised on the task thread gets it there
         # (after_task) and nowhere else.
@@ -474,18 +474,18 @@ def execute(
     """Run one GPU task body on this GPU (the executor ``gpu_tasks.task`` calls): an
     entity request on its entity's context, a GPU-queue request on the GPU's.
 
-    A redelivered copy of a request this pool child completed is answered with the result
-    it completed with (:mod:`workers.completed`), not run again. A request past its soft
-    time limit is answered :class:`TaskTimeLimitExceeded`."""
+    A second copy of a request this pool child completed (redelivered, or sent twice by a
+    producer whose publish timed out and was retried) is answered with the result it
+    completed with (:mod:`workers.completed`), not run again: one dict lookup per request.
+    A request past its soft time limit is answered :class:`TaskTimeLimitExceeded`."""
     runtime = current()
     request = task.request
+    done = runtime.completed.result(request.id)
+    if done is not MISSING:
+        log.warning("%s %s was delivered again after it completed here: answered with the "
+                    "same result, not run again", task.name, request.id)
+        return done
     redelivered = bool((request.delivery_info or {}).get("redelivered"))
-    if redelivered:
-        done = runtime.completed.result(request.id)
-        if done is not MISSING:
-            log.warning("%s %s was delivered again after it completed here: answered with "
-                        "the same result, not run again", task.name, request.id)
-            return done
     try:
         value = _execute(runtime, task, body, entity_id, args, kwargs, redelivered)
     except SoftTimeLimitExceeded:
