@@ -86,6 +86,29 @@ def own_cluster(settings: Settings, redis_url: str, tmp_path: Path, gpus: int,
         configure(settings)
 
 
+@contextmanager
+def own_redis_cluster(settings: Settings, tmp_path: Path, gpus: int,
+                      **changes: Any) -> Iterator[tuple[RedisServer, LocalCluster]]:
+    """A cluster of ``gpus`` sim workers on a redis-server of its own (the shipped durability
+    settings), with the shared app pointed at it: for tests that stop, freeze or kill Redis."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        with own_cluster(settings, server.url, tmp_path, gpus, **changes) as cluster:
+            yield server, cluster
+    finally:
+        server.stop()
+
+
+def timed(call: Callable[[], Any]) -> tuple[BaseException | None, float]:
+    """What ``call`` raised (None if nothing) and how long it took, in seconds."""
+    started = time.monotonic()
+    try:
+        call()
+    except BaseException as exc:
+        return exc, time.monotonic() - started
+    return None, time.monotonic() - started
+
+
 def gpu_tasks_cli(*args: str, env: dict[str, str] | None = None,
                   timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run the ``gpu-tasks`` CLI in a child process, as a user would."""

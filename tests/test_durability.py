@@ -26,12 +26,11 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from gpu_tasks.app import configure
 from gpu_tasks.cluster import LocalCluster
 from gpu_tasks.redis_server import DURABILITY, RedisServer
 from gpu_tasks.settings import Settings
 from tests import usertasks
-from tests.conftest import REPO, wait_until
+from tests.conftest import REPO, own_redis_cluster, wait_until
 
 QUEUED = 1200
 """Requests sent before the kill (``apply_async``): all acknowledged."""
@@ -155,18 +154,9 @@ def executions(path: Path) -> Counter[int]:
 @pytest.fixture()
 def deployment(tmp_path: Path, settings: Settings) -> Iterator[tuple[RedisServer, LocalCluster]]:
     """Two sim GPUs on a Redis of their own, started like the shipped one."""
-    server = RedisServer(tmp_path / "redis").start()
-    own = settings.replace(redis_url=server.url, node="durable", shard_count=64,
-                           redis_timeout_s=2.0, data_dir=str(tmp_path / "data"))
-    cluster = LocalCluster(own, gpus=2, backend="sim", flower=False)
-    try:
-        configure(own)
-        cluster.start()
-        yield server, cluster
-    finally:
-        cluster.stop()
-        server.stop()
-        configure(settings)
+    with own_redis_cluster(settings, tmp_path, 2, node="durable", shard_count=64,
+                           redis_timeout_s=2.0) as running:
+        yield running
 
 
 def test_kill_9_of_redis_loses_no_acknowledged_request(

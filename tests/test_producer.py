@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import sys
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from gpu_tasks.redis_server import RedisServer
 from gpu_tasks.settings import Settings
 from gpu_tasks.shardmap import ShardMap, ShardMapStore
 from gpu_tasks.tasks import alloc, read, write
-from tests.conftest import wait_until
+from tests.conftest import timed, wait_until
 
 
 def subscribes(client: redis.Redis) -> int:
@@ -139,15 +138,6 @@ def own_redis(tmp_path: Path, settings: Settings) -> Iterator[tuple[RedisServer,
             if server.process is not None and server.process.poll() is None:
                 os.kill(server.process.pid, signal.SIGCONT)
             configure(settings)
-
-
-def timed(call: Any) -> tuple[BaseException | None, float]:
-    started = time.monotonic()
-    try:
-        call()
-    except BaseException as exc:
-        return exc, time.monotonic() - started
-    return None, time.monotonic() - started
 
 
 @pytest.mark.parametrize("fault", ["stopped", "hung"])

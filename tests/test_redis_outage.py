@@ -30,7 +30,14 @@ from gpu_tasks.settings import Settings
 from gpu_tasks.shardmap import ShardMapStore
 from gpu_tasks.tasks import alloc, read, stats, write
 from tests import usertasks
-from tests.conftest import REPO, entity_owned_by, gpu_tasks_cli, wait_until
+from tests.conftest import (
+    REPO,
+    entity_owned_by,
+    gpu_tasks_cli,
+    own_redis_cluster,
+    timed,
+    wait_until,
+)
 
 OUTAGE_S = 60.0
 TIMEOUT_S = 2.0
@@ -90,15 +97,6 @@ def lines_of(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
-def timed(call: Any) -> tuple[BaseException | None, float]:
-    started = time.monotonic()
-    try:
-        call()
-    except BaseException as exc:
-        return exc, time.monotonic() - started
-    return None, time.monotonic() - started
-
-
 def one_clear_line(done: subprocess.CompletedProcess[str]) -> str:
     """The CLI's complaint: non-zero exit, one line on stderr, no traceback."""
     assert done.returncode != 0, done
@@ -111,18 +109,9 @@ def one_clear_line(done: subprocess.CompletedProcess[str]) -> str:
 @pytest.fixture()
 def deployment(tmp_path: Path, settings: Settings) -> Iterator[tuple[RedisServer, LocalCluster]]:
     """Two sim GPUs on a Redis of their own (the shipped durability settings)."""
-    server = RedisServer(tmp_path / "redis").start()
-    own = settings.replace(redis_url=server.url, node=NODE, shard_count=64,
-                           redis_timeout_s=TIMEOUT_S, data_dir=str(tmp_path / "data"))
-    cluster = LocalCluster(own, gpus=2, backend="sim", flower=False)
-    try:
-        configure(own)
-        cluster.start()
-        yield server, cluster
-    finally:
-        cluster.stop()
-        server.stop()
-        configure(settings)
+    with own_redis_cluster(settings, tmp_path, 2, node=NODE, shard_count=64,
+                           redis_timeout_s=TIMEOUT_S) as running:
+        yield running
 
 
 @pytest.mark.timeout(600)
