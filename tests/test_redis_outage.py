@@ -106,6 +106,19 @@ def one_clear_line(done: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+def state_on_both_gpus(client: redis.Redis,
+                       cluster: LocalCluster) -> tuple[list[str], list[int], list[int]]:
+    """An entity with a buffer ``x`` = [1, 2] on each GPU: ``(entities, the GPUs'
+    generations, their workers' pids)``, to check that an outage cost none of them."""
+    kept = [entity_owned_by(client, gpu, "kept") for gpu in GPUS]
+    for entity in kept:
+        alloc.apply_async(kwargs={"entity_id": entity, "name": "x", "shape": [2]}).get(WAIT_S)
+        write.apply_async(kwargs={"entity_id": entity, "name": "x", "values": [1, 2]}).get(
+            WAIT_S)
+    generations = [stats.apply_async(queue=gpu).get(WAIT_S)["generation"] for gpu in GPUS]
+    return kept, generations, [w.popen.pid for w in cluster.workers]
+
+
 @pytest.fixture()
 def deployment(tmp_path: Path, settings: Settings) -> Iterator[tuple[RedisServer, LocalCluster]]:
     """Two sim GPUs on a Redis of their own (the shipped durability settings)."""
@@ -132,13 +145,7 @@ def test_a_minute_without_redis_heals_by_itself(
                   str(WAIT_S), "--json"]
 
     # Given device state on both GPUs
-    kept = [entity_owned_by(client, gpu, "kept") for gpu in GPUS]
-    for entity in kept:
-        alloc.apply_async(kwargs={"entity_id": entity, "name": "x", "shape": [2]}).get(WAIT_S)
-        write.apply_async(kwargs={"entity_id": entity, "name": "x", "values": [1, 2]}).get(
-            WAIT_S)
-    generations = [stats.apply_async(queue=gpu).get(WAIT_S)["generation"] for gpu in GPUS]
-    pids = [w.popen.pid for w in cluster.workers]
+    kept, generations, pids = state_on_both_gpus(client, cluster)
     epoch = ShardMapStore(client).epoch()
     # And a coordinator that fails over a GPU whose lease has run out for 5 s
     coordinator_log = (tmp_path / "coordinator.log").open("w")
@@ -283,13 +290,7 @@ def test_a_hung_redis_costs_no_device_state_and_nothing_runs_twice(
     server, cluster = deployment
     client = redis.Redis.from_url(server.url)
     # Given device state on both GPUs, and a request running on GPU 0
-    kept = [entity_owned_by(client, gpu, "kept") for gpu in GPUS]
-    for entity in kept:
-        alloc.apply_async(kwargs={"entity_id": entity, "name": "x", "shape": [2]}).get(WAIT_S)
-        write.apply_async(kwargs={"entity_id": entity, "name": "x", "values": [1, 2]}).get(
-            WAIT_S)
-    generations = [stats.apply_async(queue=gpu).get(WAIT_S)["generation"] for gpu in GPUS]
-    pids = [w.popen.pid for w in cluster.workers]
+    kept, generations, pids = state_on_both_gpus(client, cluster)
     running = usertasks.record.apply_async(kwargs={"entity_id": kept[0], "log": "hung",
                                                    "seconds": HUNG_S + 2})
     wait_until(lambda: client.get("hung:running"), timeout=WAIT_S, what="it never started")
