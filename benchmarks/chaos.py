@@ -8,7 +8,7 @@ Run from the repository root::
 Everything runs against components it starts itself and stops at the end (on an error,
 Ctrl-C, SIGTERM or SIGHUP too): a ``redis-server`` on a free loopback port with the
 append-only file on (``appendfsync everysec``, as ``ops/redis.conf``), and a
-:class:`~gpu_tasks.cluster.LocalCluster` of sim GPU workers, one fresh deployment per part.
+:class:`~gpu_tasks.local.cluster.LocalCluster` of sim GPU workers, one fresh deployment per part.
 
 1. **Fuzzing** (:mod:`benchmarks.fuzz`): at least ``--fuzz-cases`` cases (requests over
    every built-in task's arguments, valid and not, and raw queue bytes), in hypothesis
@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpu_tasks.task import gpu_task
+from gpu_tasks.tasks.declare import gpu_task
 
 RESULT_PREFIX = "celery-task-meta-"
 BEGIN = "<!-- reliability:begin -->"
@@ -103,7 +103,7 @@ class Deployment:
     with the shared app configured for it."""
 
     def __init__(self, root: Path, gpus: int, **changes: Any) -> None:
-        from gpu_tasks.redis_server import RedisServer
+        from gpu_tasks.local.redis_server import RedisServer
         from gpu_tasks.settings import Settings
 
         self.root = root
@@ -117,7 +117,7 @@ class Deployment:
 
     def __enter__(self) -> Deployment:
         from gpu_tasks.app import configure
-        from gpu_tasks.cluster import LocalCluster
+        from gpu_tasks.local.cluster import LocalCluster
 
         self.redis.start()
         self.settings = self.settings.replace(redis_url=self.redis.url)
@@ -168,7 +168,7 @@ class Deployment:
     def entities(self, per_gpu: int, prefix: str) -> dict[str, list[str]]:
         """``per_gpu`` entity ids whose shards each GPU owns."""
         from benchmarks.fuzz import owners_of
-        from gpu_tasks.routing import shard_index
+        from gpu_tasks.protocol.routing import shard_index
 
         shard_count, owners = owners_of(self.client())
         found: dict[str, list[str]] = {q: [] for q in self.queues}
@@ -210,8 +210,8 @@ def run_fuzz(root: Path, cases: int, gpus: int, examples_per_round: int = 25
             from benchmarks.fuzz import alive
 
             if not alive(pid):  # something that killed it is still there: clear the GPU
-                from gpu_tasks.routing import shard_name
-                from gpu_tasks.unacked import unacked_keys
+                from gpu_tasks.protocol.routing import shard_name
+                from gpu_tasks.protocol.unacked import unacked_keys
 
                 keys = unacked_keys(dep.queues[i])
                 mine = [shard_name(s) for s, owner in owners.items() if owner == dep.queues[i]]
@@ -614,7 +614,7 @@ def run_poison(root: Path, gpus: int) -> Outcome:
         kinds: list[str] = []
         for gpu in dep.queues:
             entity = producer.entities[gpu][1]
-            from gpu_tasks.routing import shard_index, shard_name
+            from gpu_tasks.protocol.routing import shard_index, shard_name
 
             shard = shard_name(shard_index(entity, dep.settings.shard_count))
             for queue in (shard, gpu):
@@ -627,7 +627,7 @@ def run_poison(root: Path, gpus: int) -> Outcome:
         outcome.recovery_s = probe(producer, dep.queues, end, 60.0)
         outcome.notes.append(f"{pushed} poison messages pushed ({', '.join(kinds)})")
         time.sleep(2.0)
-        from gpu_tasks.deadletter import DLQ_KEY
+        from gpu_tasks.keys import DLQ_KEY
 
         outcome.notes.append(f"{client.xlen(DLQ_KEY)} dead letters")
     return outcome
@@ -848,7 +848,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="gpu-tasks-chaos-") as tmp:
         root = Path(tmp)
-        from gpu_tasks.redis_server import RedisServer
+        from gpu_tasks.local.redis_server import RedisServer
 
         with RedisServer(root / "version") as server:
             import redis

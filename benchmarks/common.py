@@ -2,7 +2,7 @@
 the environment they ran in, and the command-line conventions (``--json``, ``--check``).
 
 Every benchmark starts its own ``redis-server`` on a free loopback port and its workers
-each in their own process group (:func:`gpu_tasks.cluster.spawn`), and stops all of them
+each in their own process group (:func:`gpu_tasks.local.cluster.spawn`), and stops all of them
 in a ``finally`` (:func:`stop_all`), so an exception, Ctrl-C, SIGTERM or SIGHUP
 (:func:`install_signal_handlers`) leaves nothing running.
 """
@@ -28,7 +28,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import Progress
 
-from gpu_tasks.cluster import Process
+from gpu_tasks.local.cluster import Process
 
 NODE = "bench"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -214,10 +214,10 @@ def wait_ready(
 
     A GPU worker serves when its lease says it consumes by the shard map's current epoch
     and its device is registered in the fleet by this process (``started_at`` no earlier
-    than the process): what :meth:`gpu_tasks.cluster.LocalCluster.wait_ready` checks."""
-    from gpu_tasks.fleet import FleetRegistry
-    from gpu_tasks.lease import LeaseStore
-    from gpu_tasks.shardmap import ShardMapStore
+    than the process): what :meth:`gpu_tasks.local.cluster.LocalCluster.wait_ready` checks."""
+    from gpu_tasks.control.fleet import FleetRegistry
+    from gpu_tasks.control.lease import LeaseStore
+    from gpu_tasks.control.shardmap import ShardMapStore
 
     deadline = time.monotonic() + timeout_s
     pending_gpus = list(gpus)
@@ -248,7 +248,7 @@ def entities_for_shards(shards: Sequence[int], shard_count: int, per_shard: int,
     """``per_shard`` entity ids for each shard in ``shards``, in round-robin order over the
     shards (shard a, b, c, ..., a, b, c, ...): every shard gets its share of any prefix of
     the list that is a multiple of ``len(shards)`` long."""
-    from gpu_tasks.routing import shard_index
+    from gpu_tasks.protocol.routing import shard_index
 
     wanted = set(shards)
     found: dict[int, list[str]] = {s: [] for s in shards}

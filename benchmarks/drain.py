@@ -91,7 +91,7 @@ from benchmarks.common import (
     versions,
     wait_ready,
 )
-from gpu_tasks.cluster import Process, spawn
+from gpu_tasks.local.cluster import Process, spawn
 
 TARGET_RATIO = 0.9
 SHARD_COUNT = 1024
@@ -240,11 +240,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import redis
     from celery import Celery
 
-    from gpu_tasks.lease import LeaseStore
-    from gpu_tasks.redis_server import RedisServer
-    from gpu_tasks.routing import EntityRouter, shard_index
+    from gpu_tasks.control.lease import LeaseStore
+    from gpu_tasks.control.shardmap import ShardMap, ShardMapStore
+    from gpu_tasks.local.redis_server import RedisServer
+    from gpu_tasks.protocol.routing import EntityRouter, shard_index
     from gpu_tasks.settings import Settings
-    from gpu_tasks.shardmap import ShardMap, ShardMapStore
 
     workers = (*GPU_WORKERS, BASELINE, *(() if args.no_defaults else (EXTRA,)))
     children: list[Process] = []

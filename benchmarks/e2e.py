@@ -97,7 +97,7 @@ from benchmarks.common import (
     versions,
     wait_ready,
 )
-from gpu_tasks.cluster import Process, spawn
+from gpu_tasks.local.cluster import Process, spawn
 
 THROUGHPUT_TARGET = 0.9
 LATENCY_TARGET = 1.1
@@ -187,9 +187,9 @@ def closed_loop(side: Side, pubsub: Any, tag: str, count: int, outstanding: int,
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import redis
 
-    from gpu_tasks.redis_server import RedisServer
+    from gpu_tasks.control.shardmap import ShardMap, ShardMapStore
+    from gpu_tasks.local.redis_server import RedisServer
     from gpu_tasks.settings import Settings
-    from gpu_tasks.shardmap import ShardMap, ShardMapStore
 
     children: list[Process] = []
     server: RedisServer | None = None

@@ -4,13 +4,13 @@ Run from the repository root::
 
     .venv/bin/python -m benchmarks.fleet [--json] [--check]
 
-1. **Rebalance plan** (:func:`gpu_tasks.rebalance.plan`, computed, no processes): S = 1024
+1. **Rebalance plan** (:func:`gpu_tasks.control.rebalance.plan`, computed, no processes): S = 1024
    shards balanced over N GPUs, then an (N+1)th joins; the fraction of shards the plan
    moves (target: at most 1.02 x 1/(N+1)) and the spread of shards per GPU after it
    (target: max - min <= 1), for N = 4 and 8.
 2. **Live handoff**: its own ``redis-server`` and two sim GPU workers (S = 1024). One shard
    holds 100 entities x 1 MiB (plus a 16-byte probe buffer each). The shard is handed off
-   back and forth ``--handoffs`` times (:mod:`gpu_tasks.handoff`, in this process) while a
+   back and forth ``--handoffs`` times (:mod:`gpu_tasks.control.handoff`, in this process) while a
    producer thread keeps ``--outstanding`` probe writes to those entities in flight. Per
    handoff: its duration; per request: its round trip (send to result, from the result
    backend's pub/sub). Reported: handoff seconds, and the p99 round trip of the shard's
@@ -57,7 +57,7 @@ from benchmarks.common import (
     versions,
     wait_ready,
 )
-from gpu_tasks.cluster import Process, spawn
+from gpu_tasks.local.cluster import Process, spawn
 
 SHARD_COUNT = 1024
 GPUS = [f"gpu.{NODE}.0", f"gpu.{NODE}.1"]
@@ -67,8 +67,8 @@ BUFFER_BYTES = 1 << 20
 
 
 def rebalance_figures() -> dict[str, Any]:
-    from gpu_tasks.rebalance import plan
-    from gpu_tasks.shardmap import ShardMap
+    from gpu_tasks.control.rebalance import plan
+    from gpu_tasks.control.shardmap import ShardMap
 
     rows = {}
     for n in (4, 8):
@@ -143,11 +143,11 @@ class Probe:
 def handoff_figures(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     import redis
 
-    from gpu_tasks import handoff
-    from gpu_tasks.redis_server import RedisServer
-    from gpu_tasks.routing import shard_index
+    from gpu_tasks.control import handoff
+    from gpu_tasks.control.shardmap import ShardMap, ShardMapStore
+    from gpu_tasks.local.redis_server import RedisServer
+    from gpu_tasks.protocol.routing import shard_index
     from gpu_tasks.settings import Settings
-    from gpu_tasks.shardmap import ShardMap, ShardMapStore
 
     children: list[Process] = []
     server = RedisServer(tmp / "redis-handoff").start()
@@ -229,10 +229,10 @@ def failover_figures(args: argparse.Namespace, tmp: Path, failover_after: float 
                      ) -> dict[str, Any]:
     import redis
 
-    from gpu_tasks.redis_server import RedisServer
-    from gpu_tasks.routing import shard_index
+    from gpu_tasks.control.shardmap import ShardMap, ShardMapStore
+    from gpu_tasks.local.redis_server import RedisServer
+    from gpu_tasks.protocol.routing import shard_index
     from gpu_tasks.settings import Settings
-    from gpu_tasks.shardmap import ShardMap, ShardMapStore
 
     label = "default" if failover_after is None else f"{failover_after:g}s"
     children: list[Process] = []

@@ -14,7 +14,7 @@ and a GPU queue, each queue followed by a good request. Every case must end in:
   or rebuilt from the stored failure), within the batch's timeout. Anything else is
   *untyped* (a ``TypeError`` at submit, Celery's own errors, a class the result backend had
   to invent); a ``DeviceError`` saying "failed inside the GPU worker: <type>: ..." is the
-  worker's wrapping of an untyped error in a built-in (``workers/runtime.py`` logs it as a
+  worker's wrapping of an untyped error in a built-in (``workers/child/runtime.py`` logs it as a
   bug) and is counted as *wrapped*; no answer in time is a *hang*.
 - a raw message: a dead letter in ``gpu-tasks:dlq`` holding its bytes, or an answer (a
   result, typed as above) for the task id it carries; one still held by a worker, still
@@ -46,9 +46,9 @@ import redis
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 
-from gpu_tasks.deadletter import DLQ_KEY
 from gpu_tasks.errors import GpuTasksError
-from gpu_tasks.routing import shard_index, shard_name
+from gpu_tasks.keys import DLQ_KEY
+from gpu_tasks.protocol.routing import shard_index, shard_name
 
 # -- hypothesis profiles -----------------------------------------------------------------
 
@@ -943,7 +943,7 @@ def _asks_for_no_result(raw: bytes) -> bool:
 
 def owners_of(client: redis.Redis) -> tuple[int, dict[int, str]]:
     """``(S, shard index -> owning GPU)`` from the shard map in Redis."""
-    from gpu_tasks.shardmap import ShardMapStore
+    from gpu_tasks.control.shardmap import ShardMapStore
 
     shard_map = ShardMapStore(client).load()
     return shard_map.shard_count, {i: s.owner for i, s in enumerate(shard_map.shards)

@@ -16,7 +16,7 @@ process:
    ``gpu_tasks.tasks.alloc.apply_async(kwargs={"entity_id": e, ...})``, the user's call
    through the entity router. No worker consumes (the messages are counted, then
    deleted). Target: routed/plain >= 1.5 (median over pairs).
-2. **Bulk**: ``gpu_tasks.bulk.submit_many`` of ``--bulk`` alloc requests (each checked,
+2. **Bulk**: ``gpu_tasks.submit.bulk.submit_many`` of ``--bulk`` alloc requests (each checked,
    built and sent), ``--rounds`` times. Targets: >= 50,000 requests/s; >= 30x the plain
    ``apply_async`` loop of part 1; >= 30 % of ``redis-benchmark -t lpush -P 16``
    (Redis's own benchmark, pipelined 16 deep, its 3-byte value, 50 connections as it
@@ -144,7 +144,7 @@ def bulk_requests(count: int) -> list[dict[str, Any]]:
 
 
 def measure_bulk(client: Any, count: int, rounds: int, bar: Any) -> dict[str, Any]:
-    from gpu_tasks.bulk import submit_many
+    from gpu_tasks.submit.bulk import submit_many
 
     requests = bulk_requests(count)
     submit_many(requests[:2000])
@@ -191,8 +191,8 @@ def measure_batch(settings: Any, client: Any, lines: int, tmp: Path) -> dict[str
 def verify(settings: Any, count: int, tmp: Path) -> dict[str, Any]:
     """Workers execute what the bulk path and a batch sent, correctly."""
     from gpu_tasks.app import app
-    from gpu_tasks.bulk import submit_many
-    from gpu_tasks.cluster import LocalCluster
+    from gpu_tasks.local.cluster import LocalCluster
+    from gpu_tasks.submit.bulk import submit_many
 
     requests = [{"entity_id": f"v-{i}", "task": "alloc",
                  "kwargs": {"name": "b", "shape": [1 + i % 7, 2], "dtype": "int32"}}
@@ -221,9 +221,9 @@ def verify(settings: Any, count: int, tmp: Path) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import redis
 
-    from gpu_tasks.redis_server import RedisServer
+    from gpu_tasks.control.shardmap import ShardMap, ShardMapStore
+    from gpu_tasks.local.redis_server import RedisServer
     from gpu_tasks.settings import Settings
-    from gpu_tasks.shardmap import ShardMap, ShardMapStore
 
     with tempfile.TemporaryDirectory(prefix="gpu-tasks-bench-producer-") as tmpdir:
         tmp = Path(tmpdir)

@@ -356,7 +356,8 @@ def _status(r: dict[str, Any]) -> list[str]:
         "",
         f"{r['gpus']} GPUs, S = {r['shard_count']}, {r['queued']:,} requests queued (two GPUs "
         "with work and no consumer, which the snapshot must flag); one "
-        "`gpu_tasks.status.snapshot` per call, as `gpu-tasks status` and the exporter take it.",
+        "`gpu_tasks.control.status.snapshot` per call, as `gpu-tasks status` and the exporter "
+        "take it.",
         "",
         "| figure | value | target | result |",
         "|---|---|---|---|",

@@ -8,7 +8,7 @@ It starts its own ``redis-server`` on a free loopback port, creates a balanced s
 map over four GPUs ``gpu.bench.0..3`` (S = 1024 shards), and measures:
 
 1. **Decision cost**: ``router(name, (), {"entity_id": e}, {}, task)``, the call Celery
-   makes on every ``apply_async``, on an :class:`~gpu_tasks.routing.EntityRouter` built
+   makes on every ``apply_async``, on an :class:`~gpu_tasks.protocol.routing.EntityRouter` built
    as the app builds it (``EntityRouter(shard_count_reader(settings))``: S is read from
    Redis once, on the first routed request, before timing). ns per decision over
    ``--calls`` calls cycling over ``--entities`` distinct ids, per repetition; the median
@@ -240,9 +240,9 @@ def measure_publish(
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import redis
 
-    from gpu_tasks.redis_server import RedisServer
+    from gpu_tasks.control.shardmap import ShardMap, ShardMapStore
+    from gpu_tasks.local.redis_server import RedisServer
     from gpu_tasks.settings import Settings
-    from gpu_tasks.shardmap import ShardMap, ShardMapStore
 
     with tempfile.TemporaryDirectory(prefix="gpu-tasks-bench-router-") as tmp:
         server = RedisServer(Path(tmp) / "redis").start()
@@ -252,7 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             settings = Settings(redis_url=server.url, node=NODE)
 
             from gpu_tasks import app as app_module
-            from gpu_tasks.routing import EntityRouter
+            from gpu_tasks.protocol.routing import EntityRouter
 
             app_module.configure(settings)
             from gpu_tasks.tasks import alloc

@@ -15,17 +15,17 @@ with no worker processes (the snapshot reads only Redis):
   away from the workers);
 - ``--messages`` requests spread evenly over the shard queues, plus 10 in each GPU's own
   queue: each queue's oldest (its tail) is a real protocol-2 envelope as
-  :mod:`gpu_tasks.envelope` builds it, the rest small placeholders pushed by a Lua script
+  :mod:`gpu_tasks.protocol.envelope` builds it, the rest small placeholders pushed by a Lua script
   (the snapshot reads lengths and tails only, so the rest's size does not matter);
   timing starts once Redis has finished rewriting its append-only file, which the fill
   sets off.
 
-Then it times :func:`gpu_tasks.status.snapshot` (``perf_counter`` around the call): the
+Then it times :func:`gpu_tasks.control.status.snapshot` (``perf_counter`` around the call): the
 first call, which notes every queue's tail, then ``--repeats`` calls; and, as extras, the
-one Lua call inside it that reads every queue (:func:`gpu_tasks.status.read_queues`), the
+one Lua call inside it that reads every queue (:func:`gpu_tasks.control.status.read_queues`), the
 whole ``gpu-tasks status`` command in this process (snapshot and table, as piped; no
 interpreter start) and one exporter scrape (``generate_latest`` of
-:class:`gpu_tasks.metrics.FleetCollector`). Checked: the snapshot counts every request,
+:class:`gpu_tasks.monitor.metrics.FleetCollector`). Checked: the snapshot counts every request,
 flags the two stalled GPUs, and the oldest request's age grows between calls.
 Target: every snapshot, the first included, within 100 ms.
 """
@@ -90,11 +90,11 @@ def gpu_names(count: int) -> list[str]:
 
 def build(client: Any, gpus: list[str], shard_count: int, messages: int) -> dict[str, Any]:
     """The deployment described in the module docstring; returns what was built."""
-    from gpu_tasks.envelope import TaskTemplate
-    from gpu_tasks.fleet import FleetRegistry, GpuRecord
-    from gpu_tasks.lease import Holder, LeaseStore
-    from gpu_tasks.routing import parse_gpu_queue, shard_name
-    from gpu_tasks.shardmap import ShardMap, ShardMapStore
+    from gpu_tasks.control.fleet import FleetRegistry, GpuRecord
+    from gpu_tasks.control.lease import Holder, LeaseStore
+    from gpu_tasks.control.shardmap import ShardMap, ShardMapStore
+    from gpu_tasks.protocol.envelope import TaskTemplate
+    from gpu_tasks.protocol.routing import parse_gpu_queue, shard_name
 
     maps = ShardMapStore(client)
     epoch = maps.create(ShardMap.balanced(gpus, shard_count))
@@ -176,10 +176,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from prometheus_client import generate_latest
 
     from gpu_tasks import cli
-    from gpu_tasks.metrics import registry
-    from gpu_tasks.redis_server import RedisServer
-    from gpu_tasks.routing import shard_name
-    from gpu_tasks.status import read_queues, snapshot
+    from gpu_tasks.control.status import read_queues, snapshot
+    from gpu_tasks.local.redis_server import RedisServer
+    from gpu_tasks.monitor.metrics import registry
+    from gpu_tasks.protocol.routing import shard_name
 
     gpus = gpu_names(args.gpus)
     with tempfile.TemporaryDirectory(prefix="gpu-tasks-bench-status-") as tmp:

@@ -25,7 +25,7 @@ from typing import Any
 from celery import Celery
 
 from gpu_tasks import settings as _settings
-from gpu_tasks.task import gpu_task
+from gpu_tasks.tasks.declare import gpu_task
 
 PLAIN_QUEUE = "plain"
 PLAIN_LATE_QUEUE = "plain_late"

@@ -107,7 +107,7 @@ class BatchError(GpuTasksError):
 
 
 class DeadLetterError(GpuTasksError):
-    """A dead letter (:mod:`gpu_tasks.deadletter`) is not there, or cannot be sent again
+    """A dead letter (:mod:`gpu_tasks.control.deadletter`) is not there, or cannot be sent again
     (it was kept truncated, or it still fails the worker's checks). ``letter_id`` says
     which."""
 

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 import pytest
 import redis
 
-from gpu_tasks.cluster import LocalCluster
-from gpu_tasks.redis_server import RedisServer
+from gpu_tasks.local.cluster import LocalCluster
+from gpu_tasks.local.redis_server import RedisServer
 from gpu_tasks.settings import Settings
 
 NODE = "testnode"
@@ -138,8 +138,8 @@ def wait_until(condition: Callable[[], T], timeout: float = 30.0, interval: floa
 def entity_owned_by(client: redis.Redis, gpu: str, prefix: str, *,
                     not_in: frozenset[int] = frozenset()) -> str:
     """An entity id whose shard ``gpu`` owns now (and is not one of ``not_in``)."""
-    from gpu_tasks.routing import shard_index
-    from gpu_tasks.shardmap import ShardMapStore
+    from gpu_tasks.control.shardmap import ShardMapStore
+    from gpu_tasks.protocol.routing import shard_index
 
     shard_map = ShardMapStore(client).load()
     for i in range(100_000):

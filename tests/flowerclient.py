@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpu_tasks.cluster import LocalCluster, Process, gpu_tasks_command, spawn
-from gpu_tasks.redis_server import free_port
+from gpu_tasks.local.cluster import LocalCluster, Process, gpu_tasks_command, spawn
+from gpu_tasks.local.redis_server import free_port
 from tests.conftest import wait_until
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import redis
 
-from gpu_tasks.redis_server import find_redis_server, free_port
+from gpu_tasks.local.redis_server import find_redis_server, free_port
 
 
 class Node:

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from gpu_tasks.batch import batch_keys, task_id_for
-from gpu_tasks.cluster import LocalCluster
-from gpu_tasks.redis_server import RedisServer
+from gpu_tasks.control.shardmap import ShardMap, ShardMapStore
+from gpu_tasks.local.cluster import LocalCluster
+from gpu_tasks.local.redis_server import RedisServer
 from gpu_tasks.settings import Settings
-from gpu_tasks.shardmap import ShardMap, ShardMapStore
+from gpu_tasks.submit.batch import batch_keys, task_id_for
 from tests.conftest import REPO, gpu_tasks_cli, wait_until
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import psutil
 import pytest
 
-from gpu_tasks.cluster import LocalCluster
+from gpu_tasks.control.shardmap import ShardMapStore
 from gpu_tasks.errors import (
     BadRequest,
     ContextPoisoned,
@@ -22,9 +22,9 @@ from gpu_tasks.errors import (
     OutOfMemory,
     StaleHandle,
 )
-from gpu_tasks.routing import shard_index, shard_name
+from gpu_tasks.local.cluster import LocalCluster
+from gpu_tasks.protocol.routing import shard_index, shard_name
 from gpu_tasks.settings import Settings
-from gpu_tasks.shardmap import ShardMapStore
 from gpu_tasks.tasks import alloc, free, read, run, stats, write
 from tests import usertasks
 from tests.conftest import GPUS, NODE, SIM_MEMORY, gpu_tasks_cli, wait_until
@@ -326,7 +326,7 @@ def idle_deployment(url: str, owners: list[str], shard_count: int = 64,
     nobody) in the spare database ``url``; returns its client."""
     import redis
 
-    from gpu_tasks.shardmap import Shard, ShardMap
+    from gpu_tasks.control.shardmap import Shard, ShardMap
 
     client = redis.Redis.from_url(url)
     balanced = ShardMap.balanced(owners, shard_count)
@@ -351,7 +351,7 @@ def enqueue(client: Any, gpu: str, count: int) -> list[str]:
 
 def test_status_flags_work_that_nothing_consumes_and_shards_without_owner(
         spare_url: str, settings: Settings) -> None:
-    from gpu_tasks.status import snapshot
+    from gpu_tasks.control.status import snapshot
 
     # Given a map over two GPUs with no worker, 3 requests for GPU a, none for GPU b, and
     # 4 shards with no owner at all, 2 requests waiting in one of them
@@ -407,8 +407,8 @@ def test_status_flags_work_that_nothing_consumes_and_shards_without_owner(
 
 def test_status_counts_a_shard_being_handed_off_as_waiting_without_consumer(
         spare_url: str) -> None:
-    from gpu_tasks.shardmap import Shard
-    from gpu_tasks.status import snapshot
+    from gpu_tasks.control.shardmap import Shard
+    from gpu_tasks.control.status import snapshot
 
     # Given shard-0 of GPU a in the middle of a handoff to GPU b, with a request waiting
     a, b = "gpu.moving.0", "gpu.moving.1"
@@ -450,7 +450,7 @@ def test_status_piped_is_not_cut_and_has_no_colour(spare_url: str, settings: Set
 
 def test_status_started_at_is_the_workers_start_not_its_last_heartbeat(
         cluster: LocalCluster, settings: Settings) -> None:
-    from gpu_tasks.fleet import FleetRegistry
+    from gpu_tasks.control.fleet import FleetRegistry
 
     fleet = FleetRegistry(cluster.settings.redis_client())
     gpu = cluster.queues[0]
@@ -469,7 +469,8 @@ def test_status_started_at_is_the_workers_start_not_its_last_heartbeat(
 def test_status_ages_the_request_at_the_head_of_each_queue(spare_url: str) -> None:
     import redis
 
-    from gpu_tasks.status import TAILS_KEY, read_queues
+    from gpu_tasks.control.status import read_queues
+    from gpu_tasks.keys import TAILS_KEY
     from tests.messages import raw_task_message
 
     client = redis.Redis.from_url(spare_url)

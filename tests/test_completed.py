@@ -1,8 +1,8 @@
-"""A pool child's memory of the requests it completed (workers.completed)."""
+"""A pool child's memory of the requests it completed (workers.child.completed)."""
 
 from __future__ import annotations
 
-from workers.completed import MISSING, Completed, fits
+from workers.child.completed import MISSING, Completed, fits
 
 
 def test_it_answers_what_it_completed_and_forgets_the_oldest() -> None:

@@ -26,8 +26,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from gpu_tasks.cluster import LocalCluster
-from gpu_tasks.redis_server import DURABILITY, RedisServer
+from gpu_tasks.local.cluster import LocalCluster
+from gpu_tasks.local.redis_server import DURABILITY, RedisServer
 from gpu_tasks.settings import Settings
 from tests import usertasks
 from tests.conftest import REPO, own_redis_cluster, wait_until

@@ -18,11 +18,11 @@ import redis
 from celery import signals
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpu_tasks.cluster import LocalCluster
+from gpu_tasks.control.shardmap import ShardMap, ShardMapStore
 from gpu_tasks.errors import NoSuchBuffer
-from gpu_tasks.redis_server import free_port
+from gpu_tasks.local.cluster import LocalCluster
+from gpu_tasks.local.redis_server import free_port
 from gpu_tasks.settings import Settings
-from gpu_tasks.shardmap import ShardMap, ShardMapStore
 from gpu_tasks.tasks import alloc, read
 from tests.conftest import GPUS, NODE, REPO, entity_owned_by, wait_until
 from tests.messages import raw_task_message
@@ -193,7 +193,7 @@ def test_exporter_answers_when_redis_is_down(settings: Settings) -> None:
 
 
 def test_task_counts_follow_celerys_signals() -> None:
-    from workers import taskcounts
+    from workers.child import taskcounts
 
     class Task:
         name = "tests.counted"
@@ -218,8 +218,8 @@ def test_task_counts_follow_celerys_signals() -> None:
 
 
 def test_task_counts_where_no_heartbeat_runs_are_written_at_once(spare_url: str) -> None:
-    from gpu_tasks.fleet import FleetRegistry
-    from workers.taskcounts import TaskCounts
+    from gpu_tasks.control.fleet import FleetRegistry
+    from workers.child.taskcounts import TaskCounts
 
     # Given the counts of a worker's main process, which has no heartbeat
     registry = FleetRegistry(redis.Redis.from_url(spare_url))
@@ -245,7 +245,7 @@ OPS = REPO / "ops"
 
 
 def test_alert_rules_use_only_metrics_the_exporter_exports() -> None:
-    from gpu_tasks.metrics import _SPECS
+    from gpu_tasks.monitor.metrics import _SPECS
 
     exported: set[str] = set()
     for name, spec in _SPECS.items():

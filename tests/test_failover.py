@@ -16,12 +16,12 @@ import pytest
 import redis
 
 from gpu_tasks.app import app
-from gpu_tasks.coordinator import Coordinator
+from gpu_tasks.control.coordinator import Coordinator
+from gpu_tasks.control.lease import LeaseStore
+from gpu_tasks.control.shardmap import Shard, ShardMapStore
 from gpu_tasks.errors import EntityStateLost
-from gpu_tasks.lease import LeaseStore
-from gpu_tasks.routing import shard_index
+from gpu_tasks.protocol.routing import shard_index
 from gpu_tasks.settings import Settings
-from gpu_tasks.shardmap import Shard, ShardMapStore
 from gpu_tasks.tasks import alloc, read, write
 from tests import usertasks
 from tests.conftest import (

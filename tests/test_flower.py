@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from gpu_tasks.app import app
-from gpu_tasks.cluster import LocalCluster
-from gpu_tasks.routing import shard_index, shard_name
+from gpu_tasks.control.shardmap import ShardMap, ShardMapStore
+from gpu_tasks.local.cluster import LocalCluster
+from gpu_tasks.protocol.routing import shard_index, shard_name
 from gpu_tasks.settings import Settings
-from gpu_tasks.shardmap import ShardMap, ShardMapStore
 from gpu_tasks.tasks import alloc, free
 from tests.conftest import GPUS, NODE, SIM_MEMORY, gpu_tasks_cli, wait_until
 from tests.flowerclient import FlowerClient, client_of, own_flower

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from gpu_tasks.cluster import LocalCluster
+from gpu_tasks.local.cluster import LocalCluster
 from tests.conftest import GPUS, NODE, wait_until
 from tests.flowerclient import client_of
 

@@ -20,7 +20,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from benchmarks import fuzz
-from gpu_tasks.redis_server import RedisServer
+from gpu_tasks.local.redis_server import RedisServer
 from gpu_tasks.settings import Settings
 from tests.conftest import _spare_dbs, own_cluster
 

@@ -22,13 +22,13 @@ import pytest
 import redis
 from celery.result import AsyncResult
 
-from gpu_tasks.cluster import LocalCluster
-from gpu_tasks.handoff import STEPS
-from gpu_tasks.lease import LeaseStore
-from gpu_tasks.rebalance import plan
-from gpu_tasks.routing import shard_index
+from gpu_tasks.control.handoff import STEPS
+from gpu_tasks.control.lease import LeaseStore
+from gpu_tasks.control.rebalance import plan
+from gpu_tasks.control.shardmap import Shard, ShardMap, ShardMapStore
+from gpu_tasks.local.cluster import LocalCluster
+from gpu_tasks.protocol.routing import shard_index
 from gpu_tasks.settings import Settings
-from gpu_tasks.shardmap import Shard, ShardMap, ShardMapStore
 from gpu_tasks.tasks import alloc, read, stats, write
 from tests import usertasks
 from tests.conftest import NODE, REPO, gpu_tasks_cli, kill_worker, own_cluster, wait_until

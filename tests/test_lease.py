@@ -12,9 +12,9 @@ import time
 import pytest
 import redis
 
+from gpu_tasks.control.lease import Holder, LeaseStore, redis_now_ms
+from gpu_tasks.control.shardmap import ShardMap, ShardMapStore
 from gpu_tasks.errors import LeaseHeld
-from gpu_tasks.lease import Holder, LeaseStore, redis_now_ms
-from gpu_tasks.shardmap import ShardMap, ShardMapStore
 from tests.conftest import wait_until
 
 GPU = "gpu.n.0"

@@ -21,11 +21,11 @@ import pytest
 import redis
 
 from gpu_tasks.app import app, configure
-from gpu_tasks.cluster import LocalCluster
+from gpu_tasks.control.shardmap import ShardMap, ShardMapStore
 from gpu_tasks.errors import NoSuchBuffer
-from gpu_tasks.routing import shard_index, shard_name
+from gpu_tasks.local.cluster import LocalCluster
+from gpu_tasks.protocol.routing import shard_index, shard_name
 from gpu_tasks.settings import Settings
-from gpu_tasks.shardmap import ShardMap, ShardMapStore
 from tests.conftest import REPO, wait_until
 
 NODE_BIN = shutil.which("node")

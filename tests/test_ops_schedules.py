@@ -8,8 +8,8 @@ import shlex
 import uuid
 
 from gpu_tasks.app import app
-from gpu_tasks.cluster import LocalCluster
 from gpu_tasks.errors import NoSuchBuffer
+from gpu_tasks.local.cluster import LocalCluster
 from tests.conftest import REPO, gpu_tasks_cli
 
 

@@ -23,12 +23,12 @@ import redis
 from celery.result import AsyncResult
 
 from gpu_tasks.app import app
-from gpu_tasks.cluster import LocalCluster
+from gpu_tasks.control.lease import LeaseStore
+from gpu_tasks.control.shardmap import ShardMap, ShardMapStore
 from gpu_tasks.errors import EntityStateLost
-from gpu_tasks.lease import LeaseStore
-from gpu_tasks.routing import shard_index, shard_name
+from gpu_tasks.local.cluster import LocalCluster
+from gpu_tasks.protocol.routing import shard_index, shard_name
 from gpu_tasks.settings import Settings
-from gpu_tasks.shardmap import ShardMap, ShardMapStore
 from gpu_tasks.tasks import alloc, read, stats
 from tests import usertasks
 from tests.conftest import (
@@ -314,7 +314,7 @@ def test_a_frozen_worker_loses_its_lease_then_resumes(
         client = cluster.settings.redis_client()
         env = cluster.settings.child_env()
         main = cluster.workers[0].popen.pid
-        from gpu_tasks.status import snapshot
+        from gpu_tasks.control.status import snapshot
 
         # When the worker's main process (the one that fetches and renews) is frozen
         os.kill(main, signal.SIGSTOP)
@@ -419,7 +419,7 @@ def test_built_in_implementations_take_exactly_the_declared_arguments() -> None:
     import inspect
 
     from gpu_tasks import tasks
-    from workers.handlers import IMPLEMENTATIONS
+    from workers.child.handlers import IMPLEMENTATIONS
 
     for name in tasks.__all__:
         task: Any = getattr(tasks, name)

@@ -21,11 +21,11 @@ import redis
 from celery.result import AsyncResult
 from kombu.exceptions import DecodeError
 
-from gpu_tasks.cluster import LocalCluster
-from gpu_tasks.deadletter import DeadLetter, DeadLetterStore, check_message
+from gpu_tasks.control.deadletter import DeadLetter, DeadLetterStore, check_message
 from gpu_tasks.errors import DeadLettered
-from gpu_tasks.redis_server import RedisServer
-from gpu_tasks.routing import shard_index, shard_name
+from gpu_tasks.local.cluster import LocalCluster
+from gpu_tasks.local.redis_server import RedisServer
+from gpu_tasks.protocol.routing import shard_index, shard_name
 from gpu_tasks.settings import Settings
 from gpu_tasks.tasks import alloc
 from tests.conftest import NODE, _spare_dbs, gpu_tasks_cli, own_cluster, wait_until

@@ -23,13 +23,13 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from kombu.exceptions import OperationalError
 
 from gpu_tasks.app import configure
-from gpu_tasks.bulk import submit_many
-from gpu_tasks.cluster import LocalCluster
-from gpu_tasks.envelope import decode
+from gpu_tasks.control.shardmap import ShardMap, ShardMapStore
 from gpu_tasks.errors import BrokerUnavailable, NoSuchBuffer, RoutingError
-from gpu_tasks.redis_server import RedisServer
+from gpu_tasks.local.cluster import LocalCluster
+from gpu_tasks.local.redis_server import RedisServer
+from gpu_tasks.protocol.envelope import decode
 from gpu_tasks.settings import Settings
-from gpu_tasks.shardmap import ShardMap, ShardMapStore
+from gpu_tasks.submit.bulk import submit_many
 from gpu_tasks.tasks import alloc, read, write
 from tests.conftest import timed, wait_until
 

@@ -23,11 +23,11 @@ import pytest
 import redis
 
 from gpu_tasks.app import app, configure
-from gpu_tasks.cluster import LocalCluster
+from gpu_tasks.control.shardmap import ShardMapStore
 from gpu_tasks.errors import BrokerUnavailable
-from gpu_tasks.redis_server import RedisServer
+from gpu_tasks.local.cluster import LocalCluster
+from gpu_tasks.local.redis_server import RedisServer
 from gpu_tasks.settings import Settings
-from gpu_tasks.shardmap import ShardMapStore
 from gpu_tasks.tasks import alloc, read, stats, write
 from tests import usertasks
 from tests.conftest import (
@@ -329,7 +329,7 @@ def test_a_hung_redis_costs_no_device_state_and_nothing_runs_twice(
 
 def test_calls_to_a_hung_redis_fail_within_the_timeout(
         tmp_path: Path, settings: Settings) -> None:
-    from gpu_tasks.shardmap import ShardMap
+    from gpu_tasks.control.shardmap import ShardMap
 
     with RedisServer(tmp_path / "redis") as server:
         ShardMapStore(redis.Redis.from_url(server.url)).create(

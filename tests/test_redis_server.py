@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from gpu_tasks.errors import RedisServerError
-from gpu_tasks.redis_server import RedisServer, find_redis_server
+from gpu_tasks.local.redis_server import RedisServer, find_redis_server
 from tests.conftest import DEFAULT_PORT
 
 

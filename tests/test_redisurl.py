@@ -1,5 +1,5 @@
-"""Reading ``GPU_TASKS_REDIS_URL`` (gpu_tasks.redisurl): every form, what Celery and kombu
-get from it, and that no password is ever shown. No Redis needed."""
+"""Reading ``GPU_TASKS_REDIS_URL`` (gpu_tasks.connection.redisurl): every form, what Celery
+and kombu get from it, and that no password is ever shown. No Redis needed."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from kombu import Connection
 
 from gpu_tasks.app import celery_config
+from gpu_tasks.connection.redisurl import parse, redacted_url
 from gpu_tasks.errors import ConfigError
-from gpu_tasks.redisurl import parse, redacted_url
-from gpu_tasks.routing import EntityRouter
+from gpu_tasks.protocol.routing import EntityRouter
 from gpu_tasks.settings import Settings
 
 SENTINELS = ("sentinel://u:s3cret@10.0.0.1:26379/2;sentinel://10.0.0.2/2;"
@@ -55,7 +55,7 @@ def test_celery_and_kombu_get_one_sentinel_url_and_every_sentinel_in_the_options
     # kombu: one address (a ';' list would make it switch to its stock transport on
     # failover); the Sentinels and the master's name in the transport options
     assert conf["broker_url"] == "sentinel://u:s3cret@10.0.0.1:26379/2"
-    assert conf["broker_transport"] == "gpu_tasks.broker:SentinelProducerTransport"
+    assert conf["broker_transport"] == "gpu_tasks.connection.broker:SentinelProducerTransport"
     options = conf["broker_transport_options"]
     assert options["master_name"] == "gpus"
     assert options["sentinels"] == [["10.0.0.1", 26379], ["10.0.0.2", 26379],

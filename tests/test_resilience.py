@@ -16,7 +16,8 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 
 from gpu_tasks.app import configure
-from gpu_tasks.cluster import LocalCluster
+from gpu_tasks.control.fleet import FleetRegistry
+from gpu_tasks.control.shardmap import ShardMapStore
 from gpu_tasks.errors import (
     BrokerUnavailable,
     ConfigError,
@@ -25,13 +26,12 @@ from gpu_tasks.errors import (
     NoSuchBuffer,
     TaskTimeLimitExceeded,
 )
-from gpu_tasks.fleet import FleetRegistry
-from gpu_tasks.redis_server import RedisServer
-from gpu_tasks.routing import shard_index, shard_name
+from gpu_tasks.local.cluster import LocalCluster
+from gpu_tasks.local.redis_server import RedisServer
+from gpu_tasks.protocol.routing import shard_index, shard_name
+from gpu_tasks.protocol.unacked import mark_redelivered
 from gpu_tasks.settings import Settings
-from gpu_tasks.shardmap import ShardMapStore
 from gpu_tasks.tasks import alloc, free, read, stats, write
-from gpu_tasks.unacked import mark_redelivered
 from tests import usertasks
 from tests.conftest import NODE, gpu_tasks_cli, own_redis_cluster, wait_until
 from tests.messages import raw_task_message

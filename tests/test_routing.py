@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 import xxhash
 
+from gpu_tasks.control.shardmap import ShardMap, ShardMapStore
 from gpu_tasks.errors import RoutingError
-from gpu_tasks.routing import (
+from gpu_tasks.protocol.routing import (
     EntityRouter,
     parse_gpu_queue,
     parse_shard_queue,
@@ -19,7 +20,6 @@ from gpu_tasks.routing import (
     shard_name,
     validate_entity_id,
 )
-from gpu_tasks.shardmap import ShardMap, ShardMapStore
 from tests.conftest import gpu_tasks_cli
 
 VECTORS: list[dict[str, Any]] = json.loads(

@@ -9,8 +9,9 @@ import re
 import pytest
 import redis
 
+from gpu_tasks.control.shardmap import Shard, ShardMap, ShardMapStore
 from gpu_tasks.errors import ShardMapError
-from gpu_tasks.shardmap import MAP_KEY, Shard, ShardMap, ShardMapStore
+from gpu_tasks.keys import MAP_KEY
 from tests.conftest import gpu_tasks_cli
 
 

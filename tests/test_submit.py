@@ -11,9 +11,9 @@ import pytest
 import redis
 
 from gpu_tasks.app import app, configure
+from gpu_tasks.control.shardmap import ShardMap, ShardMapStore
 from gpu_tasks.errors import ConfigError, RoutingError, ShardMapError
 from gpu_tasks.settings import Settings
-from gpu_tasks.shardmap import ShardMap, ShardMapStore
 from gpu_tasks.tasks import alloc, stats
 from tests.conftest import gpu_tasks_cli
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from gpu_tasks.app import app
-from gpu_tasks.cluster import LocalCluster
 from gpu_tasks.errors import BadRequest, OutOfMemory, RoutingError
+from gpu_tasks.local.cluster import LocalCluster
 from gpu_tasks.tasks import alloc, read, run, write
 from tests.conftest import SIM_MEMORY
 

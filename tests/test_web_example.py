@@ -23,10 +23,10 @@ from fastapi.testclient import TestClient
 import gpu_tasks.app as gpu_app
 from examples.web.app import api
 from gpu_tasks.app import configure
-from gpu_tasks.cluster import LocalCluster
-from gpu_tasks.redis_server import RedisServer
+from gpu_tasks.control.shardmap import ShardMap, ShardMapStore
+from gpu_tasks.local.cluster import LocalCluster
+from gpu_tasks.local.redis_server import RedisServer
 from gpu_tasks.settings import Settings
-from gpu_tasks.shardmap import ShardMap, ShardMapStore
 from tests.conftest import wait_until
 
 TIMEOUT = 60

@@ -6,7 +6,7 @@ import os
 import time
 from typing import Any
 
-from gpu_tasks.task import gpu_task
+from gpu_tasks.tasks.declare import gpu_task
 
 
 @gpu_task(name="tests.normalize")

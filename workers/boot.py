@@ -9,8 +9,8 @@ control, enforces hard time limits, and replaces a crashed child.
 The parent also owns the GPU's place in the fleet: it takes the GPU's lease before
 Celery starts (refusing to start if a live worker serves the GPU), puts back what a
 crashed predecessor had taken, and then consumes exactly the shard queues the map
-gives its GPU (:mod:`workers.consumption`), fencing every message it fetches
-(:mod:`workers.fence`).
+gives its GPU (:mod:`workers.consumer.consumption`), fencing every message it fetches
+(:mod:`workers.consumer.fence`).
 """
 
 from __future__ import annotations
@@ -22,15 +22,16 @@ from typing import Any
 
 from celery import signals
 
+from gpu_tasks.control.fleet import FleetRegistry, GpuRecord
+from gpu_tasks.control.lease import Holder
 from gpu_tasks.errors import ConfigError
-from gpu_tasks.fleet import FleetRegistry, GpuRecord
-from gpu_tasks.lease import Holder
+from gpu_tasks.protocol.unacked import restore_unacked, unacked_keys
 from gpu_tasks.settings import Settings
-from gpu_tasks.unacked import restore_unacked, unacked_keys
-from workers import control, ownership, request, runtime, taskcounts
-from workers.consumption import CONSUMER, Consumption, bootstep
-from workers.runtime import DeviceRuntime, WorkerIdentity
-from workers.transport import Guard, install_guard, transport_for
+from workers.child import runtime, taskcounts
+from workers.child.runtime import DeviceRuntime, WorkerIdentity
+from workers.consumer import control, ownership, request
+from workers.consumer.consumption import CONSUMER, Consumption, bootstep
+from workers.consumer.transport import Guard, install_guard, transport_for
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,8 @@ def install_executor() -> None:
     """Run every declared GPU task through this process's runtime, built-ins through
     their implementations; after each, once its result is stored, let the runtime collect
     garbage or end a child whose context was poisoned."""
-    from gpu_tasks.task import install_executor as install
-    from workers import handlers
+    from gpu_tasks.tasks.declare import install_executor as install
+    from workers.child import handlers
 
     implementations = handlers.IMPLEMENTATIONS
 

@@ -40,7 +40,7 @@ from kombu.exceptions import OperationalError
 from gpu_tasks import app as gpu_app
 from gpu_tasks import errors
 from gpu_tasks import settings as gpu_settings
-from gpu_tasks.routing import ENTITY_KWARG, ROUTED_TASK_NAMES
+from gpu_tasks.protocol.routing import ENTITY_KWARG, ROUTED_TASK_NAMES
 
 log = logging.getLogger(__name__)
 

@@ -21,13 +21,14 @@ import pytest
 pytest.importorskip("pycuda")
 
 from gpu_tasks.errors import OutOfMemory
-from workers.backend import Buffer, DevicePoisoned, count_gpus
-from workers.sim import SimBackend
+from gpu_tasks.local.gpus import count_gpus
+from workers.device.base import Buffer, DevicePoisoned
+from workers.device.sim import SimBackend
 
 if count_gpus() == 0:
     pytest.skip("nvidia-smi lists no GPU", allow_module_level=True)
 
-from workers.cuda import CudaBackend
+from workers.device.cuda import CudaBackend
 
 pytestmark = pytest.mark.gpu
 
@@ -232,8 +233,8 @@ def test_fault_poisons_and_a_fresh_process_recovers(cuda: CudaBackend) -> None:
     # And a fresh process opens the GPU and computes correctly
     code = (
         "import numpy as np\n"
-        "from workers.backend import Buffer\n"
-        "from workers.cuda import CudaBackend\n"
+        "from workers.device.base import Buffer\n"
+        "from workers.device.cuda import CudaBackend\n"
         "cuda = CudaBackend(gpu_index=0)\n"
         "cuda.open()\n"
         "shapes = {'a': (33, 17), 'b': (17, 45), 'c': (33, 45)}\n"

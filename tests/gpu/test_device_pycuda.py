@@ -16,7 +16,8 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
 pytest.importorskip("pycuda")
 
 from tests.workers.test_device import *  # noqa: F403  (the same tests, collected here)
-from workers.backend import Backend, create_backend
+from workers.device.base import Backend
+from workers.device.registry import create_backend
 
 # A sticky error spoils this process's CUDA for the tests after it: the fault runs last in
 # test_cuda_backend.py, and a fresh process is checked there.

@@ -14,11 +14,11 @@ import pytest
 
 from gpu_tasks.errors import BadRequest, ConfigError
 from gpu_tasks.settings import Settings
-from workers.backend import Buffer
-from workers.cuda import require_nvcc, sticky_error, version_problems
-from workers.kernels import KERNELS
-from workers.runtime import DeviceRuntime, WorkerIdentity
-from workers.sim import SimBackend
+from workers.child.runtime import DeviceRuntime, WorkerIdentity
+from workers.device.base import Buffer
+from workers.device.cuda import require_nvcc, sticky_error, version_problems
+from workers.device.kernels import KERNELS
+from workers.device.sim import SimBackend
 
 OPS = Path(__file__).resolve().parents[2] / "ops"
 
@@ -54,7 +54,7 @@ def test_a_missing_compiler_fails_the_open_with_advice(monkeypatch: pytest.Monke
     monkeypatch.setenv("PATH", str(tmp_path))  # no nvcc there
     with pytest.raises(ConfigError, match=r"nvcc is not on PATH.*/etc/gpu-tasks/env"):
         require_nvcc()
-    from workers.cuda import CudaBackend
+    from workers.device.cuda import CudaBackend
 
     with pytest.raises(ConfigError, match="nvcc is not on PATH"):
         CudaBackend(gpu_index=0).open()  # before anything imports PyCUDA
@@ -62,7 +62,7 @@ def test_a_missing_compiler_fails_the_open_with_advice(monkeypatch: pytest.Monke
     nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.4, V12.4.131'\n")
     nvcc.chmod(0o755)
     assert require_nvcc() == str(nvcc)
-    from workers.cuda import nvcc_version
+    from workers.device.cuda import nvcc_version
 
     assert nvcc_version(str(nvcc)) == (12, 4)
 
@@ -94,7 +94,7 @@ def test_sgemm_dimensions_beyond_int32_are_a_bad_request() -> None:
 def test_device_objects_are_finalised_on_the_task_thread_only(
         monkeypatch: pytest.MonkeyPatch, spare_url: str) -> None:
     # Given a runtime whose backend needs its objects finalised on the task thread
-    from gpu_tasks.shardmap import ShardMap, ShardMapStore
+    from gpu_tasks.control.shardmap import ShardMap, ShardMapStore
 
     settings = Settings(redis_url=spare_url, node="n", sim_memory_bytes=1 << 20)
     ShardMapStore(settings.redis_client()).create(ShardMap.balanced(["gpu.n.0"], 4))

@@ -15,10 +15,11 @@ import pytest
 import redis
 
 from gpu_tasks.errors import BadRequest, EntityStateLost, NoSuchBuffer, OutOfMemory, StaleHandle
-from workers.backend import Backend, DevicePoisoned, create_backend
-from workers.kernels import launch
-from workers.ledger import BufferLedger
-from workers.store import BufferStore
+from workers.child.ledger_writer import BufferLedger
+from workers.device.base import Backend, DevicePoisoned
+from workers.device.kernels import launch
+from workers.device.registry import create_backend
+from workers.device.store import BufferStore
 
 CAPACITY = 8 << 20
 

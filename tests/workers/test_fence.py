@@ -7,8 +7,8 @@ import time
 import pytest
 
 from gpu_tasks.errors import RoutingError, ShardMapError
-from gpu_tasks.routing import shard_index
-from workers.fence import NO_ENTITY, View, judge
+from gpu_tasks.protocol.routing import shard_index
+from workers.consumer.fence import NO_ENTITY, View, judge
 
 GPU = "gpu.n.0"
 S = 16

@@ -12,9 +12,9 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Queue
 
-from gpu_tasks.unacked import SOURCE, restore_unacked, unacked_keys
+from gpu_tasks.protocol.unacked import SOURCE, restore_unacked, unacked_keys
 from tests.messages import raw_task_message
-from workers.transport import GpuChannel, GpuTransport
+from workers.consumer.transport import GpuChannel, GpuTransport
 
 GPU = "gpu.t.0"
 

@@ -1,6 +1,6 @@
 """Values into a buffer's dtype: what the dtype cannot hold is refused, never stored wrong.
 
-Against the ``sim`` backend directly (no Celery): :mod:`workers.values`, the kernels'
+Against the ``sim`` backend directly (no Celery): :mod:`workers.device.values`, the kernels'
 scalars, the store's replacing ``alloc`` and its limits, ranged downloads.
 """
 
@@ -18,15 +18,16 @@ import numpy as np
 import pytest
 
 from gpu_tasks.errors import BadRequest, DeviceError, OutOfMemory, RoutingError
-from gpu_tasks.routing import EntityRouter, validate_entity_id
+from gpu_tasks.protocol.routing import EntityRouter, validate_entity_id
 from gpu_tasks.settings import Settings
-from workers import handlers, runtime
-from workers.backend import Backend, create_backend
-from workers.completed import Completed
-from workers.kernels import launch
-from workers.runtime import EntityContext, element_range
-from workers.store import BufferStore
-from workers.values import parse_cast, to_dtype, to_scalar
+from workers.child import handlers, runtime
+from workers.child.completed import Completed
+from workers.child.runtime import EntityContext, element_range
+from workers.device.base import Backend
+from workers.device.kernels import launch
+from workers.device.registry import create_backend
+from workers.device.store import BufferStore
+from workers.device.values import parse_cast, to_dtype, to_scalar
 
 CAPACITY = 8 << 20
 NAN, INF = math.nan, math.inf
@@ -365,7 +366,7 @@ def test_kernel_cast_reaches_the_kernels(store: BufferStore) -> None:
 
 
 class _Runtime:
-    """Just enough of a DeviceRuntime for :func:`workers.runtime.execute`."""
+    """Just enough of a DeviceRuntime for :func:`workers.child.runtime.execute`."""
 
     def __init__(self, store: BufferStore) -> None:
         self.backend, self.store, self.settings = store.backend, store, Settings(
@@ -404,7 +405,7 @@ def test_untyped_errors_of_built_ins_become_device_errors_and_are_logged(
     def broken(gpu: Any, name: str) -> dict[str, Any]:
         return {"n": {}[name]}
 
-    broken.__module__ = "workers.handlers"  # a built-in's body
+    broken.__module__ = "workers.child.handlers"  # a built-in's body
     with pytest.raises(DeviceError, match=r"gpu_tasks\.test failed inside the GPU worker: "
                                           r"KeyError") as raised:
         executing(broken, name="x")

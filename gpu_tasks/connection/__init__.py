@@ -1,0 +1,1 @@
+"""How producers and workers reach Redis: the URL, the broker, results."""

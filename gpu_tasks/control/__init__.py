@@ -1,0 +1,1 @@
+"""The control plane: shard map, leases, fleet, handoff, failover, coordinator."""

@@ -1,0 +1,190 @@
+"""The coordinator: one long-running process that keeps the fleet whole.
+
+Every ``interval_s`` (``gpu-tasks coordinator``, a systemd unit in ``ops/``) it:
+
+1. holds the coordinator lease (``gpu-tasks:coordinator``, expiring): of several
+   coordinators one acts and the others stand by, so two never act at once;
+2. finishes or rolls back handoffs that nobody drives any more (their driver died);
+3. fails over every GPU whose lease has been expired for ``failover_after_s``
+   (:mod:`gpu_tasks.control.failover`), counted while Redis answered: after Redis was away (down,
+   restarted, hung) every lease has run out, because no worker could renew it, so a GPU is
+   failed over only if its worker has not taken its lease again ``failover_after_s`` after
+   Redis answers this coordinator again (workers take it again within seconds);
+4. with ``auto_rebalance``, when a live, undrained GPU owns no shard (one joined, or came
+   back empty after a failover), rebalances, at most ``max_moves`` handoffs a round.
+
+:meth:`Coordinator.tick` does one round and says what it did, for the CLI, a test, or
+a log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from gpu_tasks.control import handoff as handoffs
+from gpu_tasks.control.failover import fail_over
+from gpu_tasks.control.lease import LeaseStore
+from gpu_tasks.control.rebalance import plan_from_redis
+from gpu_tasks.control.shardmap import ShardMapStore
+from gpu_tasks.errors import GpuTasksError
+from gpu_tasks.keys import COORDINATOR_KEY
+
+log = logging.getLogger(__name__)
+
+
+_CLAIM = """
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+
+@dataclass
+class Tick:
+    """What one round did."""
+
+    acting: bool
+    """Whether this coordinator holds the lease (False: on standby)."""
+    failed_over: list[dict[str, Any]] = field(default_factory=list)
+    handoffs: list[dict[str, Any]] = field(default_factory=list)
+    rebalanced: bool = False
+    errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"acting": self.acting, "failed_over": self.failed_over,
+                "handoffs": self.handoffs, "rebalanced": self.rebalanced,
+                "errors": self.errors}
+
+
+class Coordinator:
+    def __init__(self, client: redis.Redis, app: Any, *, failover_after_s: float = 30.0,
+                 auto_rebalance: bool = False, max_moves: int = 8, parallel: int = 4,
+                 interval_s: float = 1.0, lease_ttl_s: float = 15.0,
+                 pause: tuple[str, float] | None = None) -> None:
+        self.client = client
+        self.app = app
+        self.failover_after_s = failover_after_s
+        self.auto_rebalance = auto_rebalance
+        self.max_moves = max_moves
+        self.parallel = parallel
+        self.interval_s = interval_s
+        self.lease_ttl_s = lease_ttl_s
+        self.pause = pause
+        self.token = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
+        self._claim = client.register_script(_CLAIM)
+        self.maps = ShardMapStore(client)
+        self.leases = LeaseStore(client)
+        self._redis_failed = False
+        self._redis_back_at: float | None = None
+        """When Redis answered again after this coordinator last saw it fail (monotonic)."""
+
+    def redis_failed(self) -> None:
+        """Tell the coordinator that a round failed on Redis (:meth:`run` does): until
+        Redis has answered again for ``failover_after_s``, no GPU is failed over."""
+        self._redis_failed = True
+
+    def _gone_for_s(self, gpu: str) -> float | None:
+        """How long ``gpu``'s lease has been expired while Redis answered."""
+        gone = self.leases.gone_for_s(gpu)
+        if gone is not None and self._redis_back_at is not None:
+            gone = min(gone, time.monotonic() - self._redis_back_at)
+        return gone
+
+    def holds_lease(self) -> bool:
+        """Take or renew the coordinator lease; False while another coordinator holds it."""
+        return bool(self._claim(keys=[COORDINATOR_KEY],
+                                args=[self.token, int(self.lease_ttl_s * 1000)]))
+
+    def release(self) -> None:
+        if self.client.get(COORDINATOR_KEY) == self.token.encode():
+            self.client.delete(COORDINATOR_KEY)
+
+    def _handoff(self, index: int, target: str | None = None) -> handoffs.Handoff:
+        return handoffs.Handoff(index, target, self.client, self.app, pause=self.pause)
+
+    def _drive(self, tick: Tick, work: list[handoffs.Handoff]) -> None:
+        def renew() -> None:
+            self.holds_lease()
+
+        for outcome in handoffs.run(work, self.parallel, on_poll=renew):
+            tick.handoffs.append(outcome.as_dict())
+
+    def tick(self) -> Tick:
+        """One round (see the module docstring)."""
+        if not self.holds_lease():
+            return Tick(acting=False)
+        if self._redis_failed:
+            self._redis_failed = False
+            self._redis_back_at = time.monotonic()
+            log.warning("coordinator: Redis answers again; it fails over the GPUs whose "
+                        "workers have not taken their lease again %gs from now",
+                        self.failover_after_s)
+        tick = Tick(acting=True)
+        try:
+            shard_map = self.maps.load()
+        except GpuTasksError as exc:
+            tick.errors.append(str(exc))
+            return tick
+        live = {g for g, lease in self.leases.all().items() if lease is not None}
+        orphans = [i for i, s in shard_map.moving().items()
+                   if not handoffs.driven(self.client, s.handoff)]
+        gpus = {g for s in shard_map.shards for g in (s.owner, s.target) if g}
+        for gpu in sorted(gpus - live):
+            gone = self._gone_for_s(gpu)
+            if gone is None or gone < self.failover_after_s:
+                continue
+            try:
+                report = fail_over(self.client, gpu)
+            except GpuTasksError as exc:
+                tick.errors.append(str(exc))
+                continue
+            tick.failed_over.append(report.as_dict())
+            orphans += [i for i in report.resumed if i not in orphans]
+        if orphans:
+            self._drive(tick, [self._handoff(i) for i in sorted(orphans)])
+        if self.auto_rebalance and not self.maps.load().moving():
+            owners = {s.owner for s in self.maps.load().shards}
+            joined = sorted(live - owners - self.maps.drained())
+            if joined:
+                plan = plan_from_redis(self.client, max_moves=self.max_moves)
+                if plan.moves:
+                    log.warning("rebalancing onto %s: %d moves", ", ".join(joined),
+                                len(plan.moves))
+                    self._drive(tick, [self._handoff(m.shard, m.target) for m in plan.moves])
+                    tick.rebalanced = True
+        for event in tick.failed_over:
+            log.warning("failed over %s", event)
+        for event in tick.handoffs:
+            if event["status"] != "moved":
+                log.warning("%s: %s %s", event["shard"], event["status"], event["message"])
+        return tick
+
+    def run(self, stop: threading.Event) -> None:
+        """Tick until ``stop`` is set; then give the lease up."""
+        log.warning("coordinator %s: failover after %.0fs%s", self.token,
+                    self.failover_after_s, ", auto-rebalance" if self.auto_rebalance else "")
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    self.tick()
+                except redis.RedisError as exc:
+                    if not self._redis_failed:
+                        log.warning("coordinator: Redis: %s; trying again every %gs, and "
+                                    "failing no GPU over until %gs after it answers", exc,
+                                    self.interval_s, self.failover_after_s)
+                    self.redis_failed()
+                stop.wait(max(0.0, self.interval_s - (time.monotonic() - started)))
+        finally:
+            with contextlib.suppress(redis.RedisError):
+                self.release()

@@ -1,0 +1,1 @@
+"""A deployment on this host: embedded Redis, local cluster, demo."""

@@ -1,0 +1,1 @@
+"""Watching a deployment: Prometheus metrics and Flower."""

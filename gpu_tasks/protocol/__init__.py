@@ -1,0 +1,1 @@
+"""The wire protocol: entity -> shard -> queue, the envelope, what is taken."""

@@ -1,0 +1,1 @@
+"""Sending many requests at once: bulk publishing and `gpu-tasks batch`."""

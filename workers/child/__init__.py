@@ -1,0 +1,1 @@
+"""The GPU worker's pool child: runtime, task bodies, shard state."""

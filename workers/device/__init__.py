@@ -1,0 +1,1 @@
+"""Device backends (found by name), the buffer store, kernels and values."""
