@@ -56,6 +56,16 @@ __all__ = [
 ]
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` as an error message quotes it: cut to its head and tail past
+    ``limit`` characters, so a refusal never echoes a megabyte of input back."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    keep = (limit - 4) // 2
+    return f"{text[:keep]}...{text[-keep:]} ({len(text)} characters)"
+
+
 class GpuTasksError(Exception):
     """Base of every gpu-tasks error; ``str(exc)`` is the human-readable message."""
 

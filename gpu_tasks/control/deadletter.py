@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import redis
 from celery.utils.time import maybe_iso8601
 
-from gpu_tasks.errors import DeadLetterError
+from gpu_tasks.errors import DeadLetterError, shown
 from gpu_tasks.keys import DEATHS_KEY, DLQ_KEY
 
 MAX_ENTRIES = 1000
@@ -199,15 +199,10 @@ def _embed_problem(embed: dict[str, Any]) -> str:
         value = embed.get(name)
         if not (value is None or (isinstance(value, list)
                                   and all(isinstance(s, dict) for s in value))):
-            return f"body embed.{name} {_shown(value)} is not a list of signatures or null"
+            return f"body embed.{name} {shown(value)} is not a list of signatures or null"
     if not _optional(embed.get("chord"), dict):
-        return f"body embed.chord {_shown(embed.get('chord'))} is not a signature or null"
+        return f"body embed.chord {shown(embed.get('chord'))} is not a signature or null"
     return ""
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _envelope_problem(payload: dict[str, Any], tasks: Any) -> str:
@@ -263,18 +258,18 @@ def _header_problem(headers: dict[str, Any]) -> str:
         except (ValueError, TypeError, AttributeError, OverflowError):
             when = None
         if when is None:
-            return f"headers.{name} {_shown(value)} is not an ISO 8601 date or null"
+            return f"headers.{name} {shown(value)} is not an ISO 8601 date or null"
     if not _optional(headers.get("ignore_result"), bool):
         # Celery takes any truthy value for "store no result": a producer that sent junk
         # there would wait for an answer that never comes.
-        return f"headers.ignore_result {_shown(headers.get('ignore_result'))} is not true, " \
+        return f"headers.ignore_result {shown(headers.get('ignore_result'))} is not true, " \
                "false or null"
     stamped = headers.get("stamped_headers")
     if not (stamped is None or (isinstance(stamped, list)
                                 and all(isinstance(h, str) for h in stamped))):
-        return f"headers.stamped_headers {_shown(stamped)} is not a list of names or null"
+        return f"headers.stamped_headers {shown(stamped)} is not a list of names or null"
     if not _optional(headers.get("stamps"), dict):
-        return f"headers.stamps {_shown(headers.get('stamps'))} is not an object or null"
+        return f"headers.stamps {shown(headers.get('stamps'))} is not an object or null"
     for name in ("root_id", "parent_id", "group", "shadow", "lang", "origin", "argsrepr",
                  "kwargsrepr"):
         if not _optional(headers.get(name), str):

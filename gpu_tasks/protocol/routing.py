@@ -28,7 +28,7 @@ from typing import Any
 import xxhash
 
 from gpu_tasks import settings as _settings
-from gpu_tasks.errors import RoutingError
+from gpu_tasks.errors import RoutingError, shown
 
 ENTITY_KWARG = "entity_id"
 """The one marker of an entity-routed request: this keyword argument."""
@@ -52,7 +52,7 @@ def validate_entity_id(entity_id: object, max_chars: int | None = None) -> str:
     if not isinstance(entity_id, str):
         raise RoutingError(
             f"entity_id must be a non-empty string, got {type(entity_id).__name__} "
-            f"{_shown(entity_id)}"
+            f"{shown(entity_id)}"
         )
     if not entity_id:
         raise RoutingError("entity_id must be a non-empty string, got ''")
@@ -60,7 +60,7 @@ def validate_entity_id(entity_id: object, max_chars: int | None = None) -> str:
     if len(entity_id) > limit:
         raise RoutingError(
             f"entity_id has {len(entity_id)} characters; at most {limit} are accepted "
-            f"(GPU_TASKS_MAX_ENTITY_ID_CHARS), got {_shown(entity_id)}"
+            f"(GPU_TASKS_MAX_ENTITY_ID_CHARS), got {shown(entity_id)}"
         )
     try:
         entity_id.encode("utf-8")
@@ -70,12 +70,6 @@ def validate_entity_id(entity_id: object, max_chars: int | None = None) -> str:
             f"{exc.reason} at position {exc.start}"
         ) from None
     return entity_id
-
-
-def _shown(value: object) -> str:
-    """``repr(value)``, cut short: a refusal must not echo a megabyte of id back."""
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:60]}...({len(text)} characters)"
 
 
 def shard_index(entity_id: str, shard_count: int) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from gpu_tasks.errors import BadRequest
+from gpu_tasks.errors import BadRequest, shown
 
 CASTS = ("safe", "unsafe")
 """``cast=`` values: ``safe`` refuses values the dtype cannot hold, ``unsafe`` is numpy's
@@ -42,9 +42,8 @@ def parse_cast(cast: object) -> str:
     return cast
 
 
-def _shown(value: object) -> str:
-    text = repr(value.item() if isinstance(value, np.generic) else value)
-    return text if len(text) <= 40 else f"{text[:18]}...{text[-18:]} ({len(text)} characters)"
+def _value_shown(value: object) -> str:
+    return shown(value.item() if isinstance(value, np.generic) else value, limit=40)
 
 
 def _refuse(label: str, value: object, dtype: np.dtype[Any], field: str) -> BadRequest:
@@ -54,7 +53,7 @@ def _refuse(label: str, value: object, dtype: np.dtype[Any], field: str) -> BadR
     else:
         holds = f"values up to {float(np.finfo(dtype).max):g} in magnitude"
     return BadRequest(
-        f"{label} = {_shown(value)} cannot be stored in {dtype.name} (it holds {holds}); "
+        f"{label} = {_value_shown(value)} cannot be stored in {dtype.name} (it holds {holds}); "
         "pass cast='unsafe' to store numpy's cast of it instead",
         field,
     )
@@ -68,7 +67,7 @@ def _number_list(values: Sequence[Any], field: str) -> None:
     for i, v in enumerate(values):
         if type(v) not in (int, float):
             raise BadRequest(
-                f"{field}[{i}] = {_shown(v)} is not a number; {field} must be a flat list of "
+                f"{field}[{i}] = {_value_shown(v)} is not a number; {field} must be a flat list of "
                 "numbers",
                 field,
             )
