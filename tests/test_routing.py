@@ -14,6 +14,7 @@ from gpu_tasks.control.shardmap import ShardMap, ShardMapStore
 from gpu_tasks.errors import RoutingError
 from gpu_tasks.protocol.routing import (
     EntityRouter,
+    cell_index,
     parse_gpu_queue,
     parse_shard_queue,
     shard_index,
@@ -28,8 +29,8 @@ VECTORS: list[dict[str, Any]] = json.loads(
 
 def test_the_vector_file_is_the_full_set() -> None:
     assert len(VECTORS) == 40
-    assert all({"entity_id", "xxh64", "xxh64_hex", "shard_1024", "shard_256", "shard_7"}
-               <= v.keys() for v in VECTORS)
+    assert all({"entity_id", "xxh64", "xxh64_hex", "shard_1024", "shard_256", "shard_7",
+                "xxh64_seed1_hex", "cell_2", "cell_3"} <= v.keys() for v in VECTORS)
 
 
 @pytest.mark.parametrize("vector", VECTORS, ids=[str(i) for i in range(len(VECTORS))])
@@ -40,6 +41,11 @@ def test_every_routing_vector(vector: dict[str, Any]) -> None:
     assert int(vector["xxh64_hex"], 16) == vector["xxh64"]
     for count in (1024, 256, 7):
         assert shard_name(shard_index(entity, count)) == vector[f"shard_{count}"]
+    seed1 = xxhash.xxh64_hexdigest(entity.encode("utf-8"), seed=1)
+    assert seed1 == vector["xxh64_seed1_hex"]
+    for cells in (2, 3):
+        assert cell_index(entity, cells) == vector[f"cell_{cells}"]
+    assert cell_index(entity, 1) == 0
 
 
 @pytest.mark.parametrize("bad", ["", None, 42, 4.2, b"user-42", ["user-42"], {"id": 1}])

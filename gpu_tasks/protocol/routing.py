@@ -77,6 +77,17 @@ def shard_index(entity_id: str, shard_count: int) -> int:
     return _xxh64(entity_id.encode("utf-8")) % shard_count
 
 
+CELL_SEED = 1
+"""The cell hash's xxh64 seed: independent of the shard hash (seed 0), so an entity's shard
+within its cell does not depend on its cell."""
+
+
+def cell_index(entity_id: str, cell_count: int) -> int:
+    """The cell of an entity where one Redis is not enough (docs/PROTOCOL.md):
+    ``xxh64(utf8(entity_id), seed=1) mod cell_count``; one cell means no cell routing."""
+    return xxhash.xxh64_intdigest(entity_id.encode("utf-8"), seed=CELL_SEED) % cell_count
+
+
 def shard_name(index: int) -> str:
     """A shard's name, which is also the name of its Celery queue: ``shard-<index>``."""
     return f"{SHARD_PREFIX}{index}"
