@@ -1,7 +1,7 @@
 """The Redis broker transport producers use: kombu's own, without its per-publish waste.
 
-kombu's Redis channel builds a new redis-py client object for every publish (about
-60 us of client CPU, more than the LPUSH itself costs on a warm connection). Here a
+kombu's Redis channel builds a new redis-py client object for every publish (more
+client CPU than the LPUSH itself on a warm connection; BENCHMARKS.md). Here a
 channel keeps one client per connection pool: redis-py clients are thread-safe, each
 command borrows a connection from the pool, so sharing one changes nothing else. The
 messages themselves are byte for byte what kombu sends, so a worker cannot tell them

@@ -25,9 +25,8 @@ and counts from when it was put back. Every snapshot shares the notes, kept in
   fields of empty queues are dropped, and the hash expires a day after the last snapshot
 
 One Lua call reads every queue's length and tail and updates the notes, so the whole
-snapshot is five round trips whatever S is: about 20 ms for 64 GPUs, S = 1024 and a
-million queued requests on a 2-core VM (``python -m benchmarks.status``), half of it in
-that call (~8 us a queue), which blocks Redis meanwhile as any Lua script does.
+snapshot is five round trips whatever S is (its cost, and how long that call blocks
+Redis as any Lua script does: ``python -m benchmarks.status``, in BENCHMARKS.md).
 """
 
 from __future__ import annotations
