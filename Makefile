@@ -23,7 +23,7 @@ CHAOS_ARGS  ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv install lock run test lint typecheck bench chaos clean distclean
+.PHONY: help venv install tools lock run test lint typecheck bench chaos clean distclean
 
 help:
 	@echo "make run [ARGS=--once]   start Redis, GPU workers, Flower and run the demo (gpu-tasks up)"
@@ -36,6 +36,9 @@ help:
 	@echo "make clean | distclean   remove run data and caches | also $(VENV), $(TOOLS) and .dist"
 
 venv install: $(STAMP)
+
+# uv alone (ops/fetch-gpu-dist uses it to read uv.lock).
+tools: $(UV_STAMP)
 
 $(UV_STAMP):
 	rm -rf $(TOOLS)
