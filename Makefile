@@ -8,14 +8,22 @@
 PYTHON      ?= python3
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
-STAMP       := $(VENV)/.installed
 EXTRAS      ?= worker,ops,dev
+# One stamp per set of extras: `make run EXTRAS=worker,ops,dev,cuda` syncs again.
+STAMP       := $(VENV)/.installed-$(EXTRAS)
+# uv, pinned, in a tools folder of its own: it installs .venv from uv.lock.
+UV_VERSION  := 0.13.9
+TOOLS       := .venv-tools
+UV_STAMP    := $(TOOLS)/.uv-$(UV_VERSION)
+UV          := UV_PROJECT_ENVIRONMENT=$(VENV) UV_PYTHON_DOWNLOADS=never $(TOOLS)/bin/uv
+comma       := ,
+UV_EXTRAS   := $(foreach extra,$(subst $(comma), ,$(EXTRAS)),--extra $(extra))
 ARGS        ?=
 CHAOS_ARGS  ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv install run test lint typecheck bench chaos clean distclean
+.PHONY: help venv install tools lock run test lint typecheck bench chaos clean distclean
 
 help:
 	@echo "make run [ARGS=--once]   start Redis, GPU workers, Flower and run the demo (gpu-tasks up)"
@@ -23,19 +31,34 @@ help:
 	@echo "make lint | typecheck    ruff check | mypy alone"
 	@echo "make bench [BENCH_ARGS=] router, drain and end-to-end benchmarks; rewrites BENCHMARKS.md"
 	@echo "make chaos [CHAOS_ARGS=] fuzzing (10,000 cases) and faults; writes BENCHMARKS.md's Reliability"
-	@echo "make venv                create $(VENV) and install the project into it"
-	@echo "make clean | distclean   remove run data and caches | also $(VENV) and .dist"
+	@echo "make venv                create $(VENV) and install the project into it from uv.lock"
+	@echo "make lock                move uv.lock to the newest versions pyproject.toml allows"
+	@echo "make clean | distclean   remove run data and caches | also $(VENV), $(TOOLS) and .dist"
 
 venv install: $(STAMP)
 
-$(PY):
-	$(PYTHON) -m venv $(VENV)
+# uv alone (ops/fetch-gpu-dist uses it to read uv.lock).
+tools: $(UV_STAMP)
 
-# Reinstall only when the dependencies may have changed.
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+$(UV_STAMP):
+	rm -rf $(TOOLS)
+	PIP_ROOT_USER_ACTION=ignore $(PYTHON) -m pip install --quiet --disable-pip-version-check \
+		--target $(TOOLS) 'uv==$(UV_VERSION)'
 	@touch $@
+
+# Install exactly what uv.lock holds (the project itself editable); again only when the
+# lock or pyproject.toml changed. A pyproject.toml the lock no longer matches stops here.
+$(STAMP): pyproject.toml uv.lock | $(UV_STAMP)
+	@$(UV) lock --check --offline --quiet >/dev/null 2>&1 || { echo "uv.lock does not \
+	match pyproject.toml: run 'make lock' (or '$(TOOLS)/bin/uv lock'), then 'make test', \
+	and commit uv.lock" >&2; exit 1; }
+	$(UV) sync --locked --quiet --python $(PYTHON) $(UV_EXTRAS)
+	@rm -f $(VENV)/.installed*
+	@touch $@
+
+# Every dependency to the newest version pyproject.toml allows (needs PyPI).
+lock: | $(UV_STAMP)
+	$(UV) lock --upgrade
 
 run: $(STAMP)
 	$(VENV)/bin/gpu-tasks up $(ARGS)
@@ -62,4 +85,4 @@ clean:
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) .dist
+	rm -rf $(VENV) $(TOOLS) .dist

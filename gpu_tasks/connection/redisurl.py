@@ -117,9 +117,12 @@ class RedisTarget:
                                   "password": self.password, "socket_timeout": timeout_s,
                                   "socket_connect_timeout": timeout_s, **one_attempt()}
         if self.sentinel:
+            if not self.master_name:  # parse() refuses such a URL; redis-py 8.2 wants a str
+                raise ValueError("a sentinel:// URL needs the monitored master's name")
             manager = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
                 list(self.hosts), sentinel_kwargs={**self.sentinel_kwargs(timeout_s),
                                                    **one_attempt()}, **kwargs)
+            # untyped before redis-py 8.2
             master: redis.Redis = manager.master_for(  # type: ignore[no-untyped-call]
                 self.master_name)
             return master
