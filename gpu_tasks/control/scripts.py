@@ -1,11 +1,13 @@
 """The Redis Lua scripts, kept as ``.lua`` files in ``gpu_tasks/control/lua/``.
 
 Each file starts with a comment saying what it does, its KEYS, its ARGV and what it
-returns; every key a script touches comes in as KEYS (named in :mod:`gpu_tasks.keys`),
-none is written inside the Lua. This module reads a file once (through
-:mod:`importlib.resources`, so an installed wheel finds them as a checkout does) and
-registers it with redis-py: :func:`register` answers a ``redis.commands.core.Script``,
-called like any as ``script(keys=..., args=..., client=pipeline)``.
+returns. No key is named inside the Lua: keys come in as KEYS (named in
+:mod:`gpu_tasks.keys`), except the per-shard lost hashes of ``ledger_retire``, whose
+common prefix comes in as ARGV because which shards come up is known only inside the
+script. This module reads a file once (through :mod:`importlib.resources`, so an
+installed wheel finds them as a checkout does) and registers it with redis-py:
+:func:`register` answers a ``redis.commands.core.Script``, called like any as
+``script(keys=..., args=..., client=pipeline)``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from redis.commands.core import Script
 
 ScriptName = Literal[
     "dead_letter_answer",
+    "ledger_retire",
     "lease_claim",
     "lease_release",
     "shardmap_assign",
