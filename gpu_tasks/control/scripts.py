@@ -20,10 +20,14 @@ import redis
 from redis.commands.core import Script
 
 ScriptName = Literal[
+    "batch_send",
     "dead_letter_answer",
     "ledger_retire",
     "lease_claim",
     "lease_release",
+    "lock_claim",
+    "lock_release",
+    "lock_renew",
     "shardmap_assign",
     "shardmap_init",
     "shardmap_transition",
