@@ -28,7 +28,11 @@ from kombu.exceptions import OperationalError
 from gpu_tasks import errors as _errors  # noqa: F401  (results rebuild these exceptions)
 from gpu_tasks import settings as _settings
 from gpu_tasks.connection import redisurl
-from gpu_tasks.connection.broker import SENTINEL_TRANSPORT, TRANSPORT, broker_unavailable
+from gpu_tasks.connection.broker import (
+    PRODUCER_TRANSPORT,
+    SENTINEL_PRODUCER_TRANSPORT,
+    broker_unavailable,
+)
 from gpu_tasks.connection.results import ResultBackend, SentinelResultBackend
 from gpu_tasks.control.shardmap import ShardMapStore
 from gpu_tasks.errors import BrokerUnavailable, RoutingError, ShardMapError
@@ -155,7 +159,8 @@ def celery_config(settings: Settings, entity_router: EntityRouter) -> dict[str, 
     return {
         "broker_url": target.broker_url,
         "result_backend": target.backend_url,
-        "broker_transport": SENTINEL_TRANSPORT if target.sentinel else TRANSPORT,
+        "broker_transport": (SENTINEL_PRODUCER_TRANSPORT if target.sentinel
+                             else PRODUCER_TRANSPORT),
         "broker_transport_options": {**broker_transport, **found_by},
         "broker_use_ssl": tls or False,
         "redis_backend_use_ssl": tls,

@@ -98,10 +98,10 @@ class SentinelProducerTransport(ProducerTransport):
     default_port = kombu_redis.SentinelTransport.default_port  # type: ignore[assignment]
 
 
-TRANSPORT = f"{ProducerTransport.__module__}:{ProducerTransport.__qualname__}"
+PRODUCER_TRANSPORT = f"{ProducerTransport.__module__}:{ProducerTransport.__qualname__}"
 """``broker_transport`` of producers (``gpu_tasks.app``)."""
-SENTINEL_TRANSPORT = (f"{SentinelProducerTransport.__module__}:"
-                      f"{SentinelProducerTransport.__qualname__}")
+SENTINEL_PRODUCER_TRANSPORT = (f"{SentinelProducerTransport.__module__}:"
+                               f"{SentinelProducerTransport.__qualname__}")
 """``broker_transport`` of producers where the URL names Sentinels."""
 
 

@@ -24,39 +24,11 @@ from dataclasses import dataclass
 
 import redis
 
+from gpu_tasks.control import scripts
 from gpu_tasks.keys import ENDED_KEY, LIVE_KEY, LOST_KEY
-from gpu_tasks.protocol.routing import shard_name
+from gpu_tasks.protocol.routing import SHARD_PREFIX, shard_name
 
 SEPARATOR = "\x1f"
-
-# Turn a GPU's live lines into losses of their shards: all of them (ARGV[4] empty) or
-# those of the shards listed from ARGV[4]. ARGV[1] the reason ('' = name the ended
-# child), ARGV[2] the time, ARGV[3] the GPU. Atomic: a crash here loses nothing.
-_RETIRE = """
-local live = redis.call('HGETALL', KEYS[1])
-local why = ARGV[1]
-if why == '' then why = redis.call('GET', KEYS[2]) or '' end
-local only = {}
-for i = 4, #ARGV do only[ARGV[i]] = true end
-local retired = 0
-for i = 1, #live, 2 do
-  local line = cjson.decode(live[i + 1])
-  local shard = tostring(line.shard)
-  if #ARGV < 4 or only[shard] then
-    local reason = why
-    if reason == '' then
-      reason = 'when the pool child of generation ' .. line.generation .. ' ended'
-    end
-    redis.call('HSET', 'gpu-tasks:lost:shard-' .. shard, live[i], cjson.encode(
-      {generation = line.generation, why = reason, at = tonumber(ARGV[2]), gpu = ARGV[3]}))
-    redis.call('HDEL', KEYS[1], live[i])
-    retired = retired + 1
-  end
-end
-if #ARGV < 4 then redis.call('DEL', KEYS[2]) end
-return retired
-"""
-
 
 def buffer_key(entity_id: str, name: str) -> str:
     return f"{entity_id}{SEPARATOR}{name}"
@@ -94,9 +66,11 @@ def retire(client: redis.Redis, gpu: str, why: str = "",
     only = [] if shards is None else [str(i) for i in shards]
     if shards is not None and not only:
         return 0
-    script = client.register_script(_RETIRE)
+    script = scripts.register(client, "ledger_retire")
+    # The script appends each buffer's shard index to this (LOST_KEY of shard_name(i)).
+    lost_prefix = LOST_KEY.format(shard=SHARD_PREFIX)
     return int(script(keys=[LIVE_KEY.format(gpu=gpu), ENDED_KEY.format(gpu=gpu)],
-                      args=[why, time.time(), gpu, *only]))
+                      args=[why, time.time(), gpu, lost_prefix, *only]))
 
 
 def lookup(client: redis.Redis, shard: int, entity_id: str, name: str) -> Loss | None:

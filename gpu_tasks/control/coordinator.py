@@ -33,20 +33,13 @@ import redis
 from gpu_tasks.control import handoff as handoffs
 from gpu_tasks.control.failover import fail_over
 from gpu_tasks.control.lease import LeaseStore
+from gpu_tasks.control.lock import ExpiringLock
 from gpu_tasks.control.rebalance import plan_from_redis
 from gpu_tasks.control.shardmap import ShardMapStore
 from gpu_tasks.errors import GpuTasksError
 from gpu_tasks.keys import COORDINATOR_KEY
 
 log = logging.getLogger(__name__)
-
-
-_CLAIM = """
-local current = redis.call('GET', KEYS[1])
-if current and current ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
-"""
 
 
 @dataclass
@@ -81,7 +74,8 @@ class Coordinator:
         self.lease_ttl_s = lease_ttl_s
         self.pause = pause
         self.token = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
-        self._claim = client.register_script(_CLAIM)
+        self.lock = ExpiringLock(client, COORDINATOR_KEY, self.token, lease_ttl_s)
+        """The coordinator lease: of several coordinators, the one holding it acts."""
         self.maps = ShardMapStore(client)
         self.leases = LeaseStore(client)
         self._redis_failed = False
@@ -102,12 +96,11 @@ class Coordinator:
 
     def holds_lease(self) -> bool:
         """Take or renew the coordinator lease; False while another coordinator holds it."""
-        return bool(self._claim(keys=[COORDINATOR_KEY],
-                                args=[self.token, int(self.lease_ttl_s * 1000)]))
+        return self.lock.claim()
 
     def release(self) -> None:
-        if self.client.get(COORDINATOR_KEY) == self.token.encode():
-            self.client.delete(COORDINATOR_KEY)
+        """Give the coordinator lease up, if this coordinator holds it."""
+        self.lock.release()
 
     def _handoff(self, index: int, target: str | None = None) -> handoffs.Handoff:
         return handoffs.Handoff(index, target, self.client, self.app, pause=self.pause)

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import redis
 from celery.utils.time import maybe_iso8601
 
+from gpu_tasks.control import scripts
 from gpu_tasks.errors import DeadLetterError, shown
 from gpu_tasks.keys import DEATHS_KEY, DLQ_KEY
 
@@ -299,17 +300,8 @@ def answer_dead_lettered(letter: DeadLetter, pipeline: redis.client.Pipeline) ->
         "traceback": None, "children": [], "task_id": task_id,
         "date_done": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     })
-    pipeline.eval(_ANSWER, 1, key, meta, RESULT_TTL_S)
-
-
-# Store the failure unless a result is there already, and only then publish it: a waiting
-# get() must never hear a failure for a request whose result says otherwise.
-_ANSWER = """
-if redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2], 'NX') then
-  redis.call('PUBLISH', KEYS[1], ARGV[1])
-end
-return 0
-"""
+    answer = scripts.register(pipeline, "dead_letter_answer")
+    answer(keys=[key], args=[meta, RESULT_TTL_S], client=pipeline)
 
 
 class HeldLetters:

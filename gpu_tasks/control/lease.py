@@ -33,42 +33,11 @@ from pathlib import Path
 
 import redis
 
+from gpu_tasks.control import scripts
 from gpu_tasks.errors import LeaseHeld
 from gpu_tasks.keys import LEASE_KEY, LEASES_KEY, META_KEY, SEEN_KEY
 
 log = logging.getLogger(__name__)
-
-
-# Take the lease when it is free, already ours, or held by ARGV[3] (a holder known to
-# be dead); then write the holder's fields, renew the expiry and report the shard
-# map's epoch. Returns {1, now_ms, map_epoch} or {0, current_token}.
-_CLAIM = """
-local current = redis.call('HGET', KEYS[1], 'token')
-if current and current ~= ARGV[1] and current ~= ARGV[3] then
-  return {0, current}
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if current ~= ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[1], 'acquired_ms', now)
-end
-redis.call('HSET', KEYS[1], 'token', ARGV[1], 'renewed_ms', now, 'ttl_ms', ARGV[2],
-           unpack(ARGV, 5))
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('SADD', KEYS[2], ARGV[4])
-redis.call('HSET', KEYS[4], ARGV[4], now + tonumber(ARGV[2]))
-return {1, now, tonumber(redis.call('HGET', KEYS[3], 'epoch') or '-1')}
-"""
-
-_RELEASE = """
-if redis.call('HGET', KEYS[1], 'token') == ARGV[1] then
-  local t = redis.call('TIME')
-  redis.call('HSET', KEYS[2], ARGV[2], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 
 def _read(path: str) -> str:
@@ -192,8 +161,8 @@ class LeaseStore:
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self._claim = client.register_script(_CLAIM)
-        self._release = client.register_script(_RELEASE)
+        self._claim = scripts.register(client, "lease_claim")
+        self._release = scripts.register(client, "lease_release")
 
     def claim(
         self, gpu: str, holder: Holder, ttl_s: float, *, replacing: str = "",

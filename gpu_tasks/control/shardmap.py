@@ -30,6 +30,7 @@ from typing import Any
 
 import redis
 
+from gpu_tasks.control import scripts
 from gpu_tasks.control.lease import LeaseStore
 from gpu_tasks.errors import ShardMapError
 from gpu_tasks.keys import DRAINED_KEY, MAP_KEY, META_KEY
@@ -50,45 +51,6 @@ STATES: Mapping[str, str] = {
                  "state while the owner keeps its copy, in case the import fails",
 }
 """Each state a shard can be in, and who consumes its queue in it."""
-
-_INIT = """
-if ARGV[1] ~= '1' and redis.call('EXISTS', KEYS[2]) == 1 then
-  return redis.error_reply('EXISTS shard map already exists')
-end
-local epoch = tonumber(redis.call('HGET', KEYS[2], 'epoch') or '0') + 1
-redis.call('DEL', KEYS[1])
-for i = 2, #ARGV do
-  redis.call('HSET', KEYS[1], 'shard-' .. (i - 2), ARGV[i])
-end
-redis.call('HSET', KEYS[2], 'shard_count', #ARGV - 1, 'epoch', epoch)
-return epoch
-"""
-
-# Compare-and-set of one shard's entry: ARGV[1] index, ARGV[2] the JSON the entry must
-# be now, ARGV[3] its new JSON. Bumps the epoch; {err} names what is there instead.
-_TRANSITION = """
-local field = 'shard-' .. ARGV[1]
-local current = redis.call('HGET', KEYS[1], field)
-if current ~= ARGV[2] then
-  return redis.error_reply('CONFLICT ' .. tostring(current))
-end
-redis.call('HSET', KEYS[1], field, ARGV[3])
-return redis.call('HINCRBY', KEYS[2], 'epoch', 1)
-"""
-
-_ASSIGN = """
-local count = tonumber(redis.call('HGET', KEYS[2], 'shard_count') or '-1')
-if count < 0 then return redis.error_reply('NOMAP no shard map') end
-for i = 1, #ARGV, 2 do
-  local index = tonumber(ARGV[i])
-  if index == nil or index < 0 or index >= count then
-    return redis.error_reply('RANGE shard index ' .. ARGV[i] .. ' outside 0..' .. (count - 1))
-  end
-  redis.call('HSET', KEYS[1], 'shard-' .. ARGV[i], ARGV[i + 1])
-end
-return redis.call('HINCRBY', KEYS[2], 'epoch', 1)
-"""
-
 
 def check_gpu(gpu: str) -> str:
     """``gpu`` if it names a GPU (``gpu.<node>.<index>``), else :class:`ShardMapError`."""
@@ -219,9 +181,9 @@ class ShardMapStore:
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self._init = client.register_script(_INIT)
-        self._assign = client.register_script(_ASSIGN)
-        self._transition = client.register_script(_TRANSITION)
+        self._init = scripts.register(client, "shardmap_init")
+        self._assign = scripts.register(client, "shardmap_assign")
+        self._transition = scripts.register(client, "shardmap_transition")
 
     def create(self, shard_map: ShardMap, *, force: bool = False) -> int:
         """Store ``shard_map`` (ignoring its epoch); refuses an existing map unless ``force``.

@@ -36,6 +36,7 @@ from typing import Any
 
 import redis
 
+from gpu_tasks.control import scripts
 from gpu_tasks.control.fleet import FleetRegistry, GpuRecord
 from gpu_tasks.control.lease import Lease, LeaseStore
 from gpu_tasks.control.shardmap import ShardMap, ShardMapStore
@@ -46,75 +47,6 @@ from gpu_tasks.protocol.routing import parse_gpu_queue, shard_name
 TAILS_TTL_S = 24 * 3600
 """How long the tail notes outlive the last snapshot: long enough to cover any gap
 between scrapes, short enough that a deployment no longer watched leaves nothing."""
-
-# KEYS[1] the tail notes, KEYS[2..] the queues; ARGV[1] the notes' TTL in ms.
-# Returns "now_ms len_1 age_ms_1 len_2 age_ms_2 ..." (age -1: queue empty): one string,
-# because redis-py's reply parser costs ~2 us per element of a list reply.
-# The tag is found with a plain substring search (a pattern search costs ~25 us per
-# message, which over 1024 queues would be most of the snapshot), near the end first,
-# where kombu and gpu_tasks.protocol.envelope write it (properties come last), so a large body is
-# not scanned; JSON escapes quotes inside strings, so a "delivery_tag" inside a header
-# value cannot match. A message without one is known by its SHA-1 instead.
-_QUEUES = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local key = '"delivery_tag"'
-local function tag_of(message)
-  local from = #message - 511
-  if from < 1 then from = 1 end
-  local at = string.find(message, key, from, true)
-  if at == nil and from > 1 then at = string.find(message, key, 1, true) end
-  if at ~= nil then
-    local tag = string.match(message, '^%s*:%s*"([^"]+)"', at + #key)
-    if tag then return tag end
-  end
-  return redis.sha1hex(message)
-end
--- The notes are read once and written in batches: a redis.call costs about a
--- microsecond or two, one per queue would be most of the script.
-local notes = {}
-local flat = redis.call('HGETALL', KEYS[1])
-for j = 1, #flat, 2 do notes[flat[j]] = flat[j + 1] end
-local fresh, stale = {}, {}
-local out = {now}
-for i = 2, #KEYS do
-  local queue = KEYS[i]
-  local n = redis.call('LLEN', queue)
-  local age = -1
-  if n > 0 then
-    local tail = redis.call('LINDEX', queue, -1)
-    if tail then
-      local tag = tag_of(tail)
-      local seen = notes[queue]
-      if seen then
-        local space = string.find(seen, ' ', 1, true)
-        if space and string.sub(seen, space + 1) == tag then
-          age = now - tonumber(string.sub(seen, 1, space - 1))
-        end
-      end
-      if age < 0 then
-        fresh[#fresh + 1] = queue
-        fresh[#fresh + 1] = now .. ' ' .. tag
-        age = 0
-      end
-    end
-  elseif notes[queue] then
-    stale[#stale + 1] = queue
-  end
-  out[#out + 1] = n
-  out[#out + 1] = age
-end
--- In chunks: unpack is bounded by Lua's stack.
-for j = 1, #fresh, 1000 do
-  redis.call('HSET', KEYS[1], unpack(fresh, j, math.min(j + 999, #fresh)))
-end
-for j = 1, #stale, 1000 do
-  redis.call('HDEL', KEYS[1], unpack(stale, j, math.min(j + 999, #stale)))
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return table.concat(out, ' ')
-"""
-
 
 @dataclass
 class GpuStatus:
@@ -241,7 +173,7 @@ def read_queues(client: redis.Redis, queues: list[str]) -> tuple[float, list[int
                                                                  list[float | None]]:
     """``(Redis time in s, lengths, oldest ages in s)`` of ``queues``, in one call that also
     notes each queue's tail for the next snapshot (see the module)."""
-    script = client.register_script(_QUEUES)
+    script = scripts.register(client, "status_queues")
     reply = script(keys=[TAILS_KEY, *queues], args=[TAILS_TTL_S * 1000])
     now_ms, *values = map(int, reply.split())
     return now_ms / 1000, values[0::2], [_age(a) for a in values[1::2]]

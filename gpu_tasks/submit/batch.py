@@ -52,6 +52,8 @@ from typing import IO, Any, Protocol
 import redis
 
 from gpu_tasks.app import app as default_app
+from gpu_tasks.control import scripts
+from gpu_tasks.control.lock import ExpiringLock
 from gpu_tasks.control.shardmap import ShardMapStore
 from gpu_tasks.errors import BatchError, BrokerUnavailable, ConfigError, RoutingError
 from gpu_tasks.keys import BATCH_KEY_PREFIX
@@ -360,29 +362,17 @@ def task_id_for(batch_id: str, line: int) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{line:012x}"
 
 
-@dataclass
-class _Lock:
-    client: redis.Redis
-    key: str
-    value: str
-
-    def renew(self) -> bool:
-        return bool(self.client.eval(_RENEW, 1, self.key, self.value, int(LOCK_TTL_S * 1000)))
-
-    def release(self) -> None:
-        with contextlib.suppress(redis.RedisError):  # else it expires by itself
-            self.client.eval(_RELEASE, 1, self.key, self.value)
-
-
 def _acquire(client: redis.Redis, key: str, batch_id: str, wait_s: float,
-             progress: Progress) -> _Lock:
-    value = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+             progress: Progress) -> ExpiringLock:
+    # The token says who holds the lock, for the message a run that waits for it prints.
+    token = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                         "since": time.time(), "token": uuid.uuid4().hex})
+    lock = ExpiringLock(client, key, token, LOCK_TTL_S)
     deadline = time.monotonic() + wait_s
     noted = False
     while True:
-        if client.set(key, value, nx=True, px=int(LOCK_TTL_S * 1000)):
-            return _Lock(client, key, value)
+        if lock.claim():
+            return lock
         holder_raw = client.get(key)
         if time.monotonic() >= deadline:
             try:
@@ -513,7 +503,7 @@ def _send_all(client: redis.Redis, path: Path, file_format: str, options: BatchO
         assert isinstance(already, bytes)
         gate = _Backpressure(client, options, settings, report, publisher.shard_count,
                              progress)
-        send = client.register_script(_SEND)
+        send = scripts.register(client, "batch_send")
         by_line = {o.line: o for o in report.outcomes}
         progress.start("sending", report.accepted)
         chunk: list[tuple[int, Any]] = []
@@ -536,7 +526,8 @@ def _send_all(client: redis.Redis, path: Path, file_format: str, options: BatchO
             _send_chunk(chunk, by_line, publisher, send, lock, sent_key, ttl_ms, gate,
                         report, progress)
     finally:
-        lock.release()
+        with contextlib.suppress(redis.RedisError):  # else it expires by itself
+            lock.release()
 
 
 def _text(value: bytes | str | None) -> str | None:
@@ -549,14 +540,14 @@ def _bit(bitmap: bytes, line: int) -> bool:
 
 
 def _send_chunk(chunk: list[tuple[int, Any]], by_line: dict[int, LineOutcome],
-                publisher: Publisher, send: Any, lock: _Lock, sent_key: str, ttl_ms: int,
+                publisher: Publisher, send: Any, lock: ExpiringLock, sent_key: str, ttl_ms: int,
                 gate: _Backpressure, report: BatchReport, progress: Progress) -> bool:
     """Send one chunk exactly once; False if back-pressure stopped the batch."""
     if not gate.admit([by_line[n].queue for n, _ in chunk], lock):
         return False
     tags = new_task_ids(len(chunk))
     queues: dict[bytes, int] = {}
-    args: list[Any] = [lock.value, ttl_ms]
+    args: list[Any] = [lock.token, ttl_ms]
     for (number, request), tag in zip(chunk, tags, strict=True):
         prepared = publisher.prepare(request, by_line[number].task_id, tag)
         index = queues.setdefault(prepared.queue, len(queues) + 3)
@@ -611,7 +602,7 @@ class _Backpressure:
             totals[gpu] += int(n)
         return totals
 
-    def admit(self, queues: list[str], lock: _Lock) -> bool:
+    def admit(self, queues: list[str], lock: ExpiringLock) -> bool:
         coming: dict[str, int] = {}
         for q in queues:
             owner = self.owner_of.get(q, "(no owner)")

@@ -385,12 +385,12 @@ class SentinelGpuTransport(GpuTransport):
     default_port = kombu_redis.SentinelTransport.default_port  # type: ignore[assignment]
 
 
-TRANSPORT = f"{GpuTransport.__module__}:{GpuTransport.__qualname__}"
+GPU_TRANSPORT = f"{GpuTransport.__module__}:{GpuTransport.__qualname__}"
 """``broker_transport`` of a GPU worker."""
-SENTINEL_TRANSPORT = f"{SentinelGpuTransport.__module__}:{SentinelGpuTransport.__qualname__}"
+SENTINEL_GPU_TRANSPORT = f"{SentinelGpuTransport.__module__}:{SentinelGpuTransport.__qualname__}"
 """``broker_transport`` of a GPU worker whose Redis URL names Sentinels."""
 
 
 def transport_for(settings: Settings) -> str:
     """The GPU worker's ``broker_transport`` for the deployment's Redis URL."""
-    return SENTINEL_TRANSPORT if settings.redis_target().sentinel else TRANSPORT
+    return SENTINEL_GPU_TRANSPORT if settings.redis_target().sentinel else GPU_TRANSPORT
