@@ -33,7 +33,6 @@ configuration or connection error, or the batch is being sent by another run; 3 
 from __future__ import annotations
 
 import contextlib
-import csv
 import enum
 import hashlib
 import json
@@ -44,7 +43,6 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -60,6 +58,7 @@ from gpu_tasks.keys import BATCH_KEY_PREFIX
 from gpu_tasks.protocol.envelope import new_task_ids
 from gpu_tasks.protocol.routing import shard_name
 from gpu_tasks.settings import Settings
+from gpu_tasks.submit.batchfile import read_lines
 from gpu_tasks.submit.bulk import CHUNK_REQUESTS, Publisher
 
 LOCK_TTL_S = 10.0
@@ -68,40 +67,6 @@ run's batch can be re-run after at most this."""
 BACKLOG_POLL_S = 0.25
 RESULT_POLL_S = 0.2
 BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
-
-# KEYS[1] the sent bitmap, KEYS[2] the lock, KEYS[3..] the chunk's shard queues.
-# ARGV[1] the lock's value (this run's), ARGV[2] the record's TTL in ms, then one
-# (line, queue key index, message) triple per line. SETBIT answers the bit's old value:
-# a line is pushed only the first time its bit is set, in the same atomic step.
-_SEND = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then
-  return redis.error_reply("LOCKLOST the batch lock is held by another run")
-end
-local sent = 0
-for i = 3, #ARGV, 3 do
-  if redis.call('SETBIT', KEYS[1], ARGV[i], 1) == 0 then
-    redis.call('LPUSH', KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2])
-    sent = sent + 1
-  end
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return sent
-"""
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
 
 class ExitCode(enum.IntEnum):
     """What ``gpu-tasks batch`` exits with."""
@@ -256,94 +221,6 @@ class Silent:
 
     def stop(self) -> None:
         pass
-
-
-# -- reading --------------------------------------------------------------------------------
-
-
-def read_lines(path: Path, file_format: str) -> Iterator[tuple[int, Any]]:
-    """``(line number, request or the exception explaining why there is none)`` for every
-    non-blank line; CSV lines are numbered as in the file (the header is line 1)."""
-    with path.open("r", encoding="utf-8", newline="" if file_format == "csv" else None,
-                   errors="strict") as f:
-        if file_format == "csv":
-            yield from _csv_lines(f)
-            return
-        number = 0
-        while True:
-            number += 1
-            try:
-                text = f.readline()
-            except UnicodeDecodeError as exc:
-                yield number, RoutingError(f"not UTF-8: {exc.reason}")
-                return
-            if not text:
-                return
-            if not text.strip():
-                continue
-            try:
-                yield number, json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield number, RoutingError(f"not JSON: {exc.msg} at column {exc.colno}")
-
-
-def _csv_lines(f: IO[str]) -> Iterator[tuple[int, Any]]:
-    reader = csv.reader(f)
-    try:
-        header = next(reader)
-    except StopIteration:
-        return
-    except (csv.Error, UnicodeDecodeError) as exc:
-        yield 1, RoutingError(f"cannot read the CSV header: {exc}")
-        return
-    if "entity_id" not in header:
-        yield 1, RoutingError(f"the CSV header has no entity_id column (it has: "
-                              f"{', '.join(header)})")
-        return
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except (csv.Error, UnicodeDecodeError) as exc:
-            yield reader.line_num, RoutingError(f"not CSV: {exc}")
-            return
-        if not any(cell.strip() for cell in row):
-            continue
-        if len(row) != len(header):
-            yield reader.line_num, RoutingError(
-                f"{len(row)} fields where the header has {len(header)}")
-            continue
-        request: dict[str, Any] = {}
-        kwargs: dict[str, Any] = {}
-        for name, cell in zip(header, row, strict=True):
-            if name in ("entity_id", "task"):
-                if cell:
-                    request[name] = cell
-            elif name == "kwargs":
-                try:
-                    request["kwargs"] = json.loads(cell) if cell else {}
-                except json.JSONDecodeError as exc:
-                    request = {"_error": f"kwargs column is not JSON: {exc.msg}"}
-                    break
-            else:
-                kwargs[name] = _cell(cell)
-        if "_error" in request:
-            yield reader.line_num, RoutingError(request["_error"])
-            continue
-        if kwargs:
-            if not isinstance(request.get("kwargs", {}), dict):
-                yield reader.line_num, RoutingError("kwargs column is not a JSON object")
-                continue
-            request["kwargs"] = {**request.get("kwargs", {}), **kwargs}
-        yield reader.line_num, request
-
-
-def _cell(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 # -- the record in Redis --------------------------------------------------------------------
