@@ -24,6 +24,7 @@ from celery.exceptions import TimeLimitExceeded
 from celery.worker import state
 from celery.worker.request import Request
 
+from gpu_tasks.celeryapp import GPU_WORKER_FLAG
 from gpu_tasks.errors import TaskTimeLimitExceeded
 from gpu_tasks.settings import Settings
 
@@ -66,7 +67,7 @@ class GpuRequest(Request):  # type: ignore[misc]
 
     def _hard_limit_info(self, exc: TimeLimitExceeded) -> ExceptionInfo:
         timeout = float(exc.args[0]) if exc.args else 0.0
-        gpu = self.task.app.conf.get("gpu_tasks_gpu_worker") or "this GPU"
+        gpu = self.task.app.conf.get(GPU_WORKER_FLAG) or "this GPU"
         try:
             raise TaskTimeLimitExceeded(
                 f"{self.name} ran past its hard time limit ({timeout:g} s): its pool child was "
