@@ -16,6 +16,7 @@ With a :class:`~workers.child.ledger_writer.BufferLedger` that memory outlives t
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -217,14 +218,7 @@ class BufferStore:
             return
         self.make_room(sum(b.nbytes for b in spilled), keep=entity_id)
         for buf in spilled:
-            host = buf.host
-            assert host is not None
-            buf.allocation = self.backend.alloc(buf.nbytes)
-            self.backend.upload(buf, host.reshape(-1), 0)
-            with self._lock:
-                buf.host = None
-                self._used_bytes += buf.nbytes
-                self._spilled_bytes -= buf.nbytes
+            self._unspill(buf)
         self.counts["restores"] += 1
         self.touch(entity_id)
 
@@ -272,12 +266,7 @@ class BufferStore:
             self.counts["evictions"] += 1
             return True
         for buf in on_device:
-            host = self.backend.download(buf)
-            self.backend.release(buf.allocation)
-            with self._lock:
-                buf.host, buf.allocation = host, None
-                self._used_bytes -= buf.nbytes
-                self._spilled_bytes += buf.nbytes
+            self._spill(buf)
         self.counts["spills"] += 1
         return True
 
@@ -333,7 +322,10 @@ class BufferStore:
             try:
                 allocation = self.backend.alloc(nbytes)
             except OutOfMemory:
-                self._unspill(existing)
+                # Back on the device if it still fits there; else it stays spilled, intact,
+                # and comes back on its entity's next use.
+                with contextlib.suppress(OutOfMemory):
+                    self._unspill(existing)
                 raise
         if existing is not None:
             self._forget(index, existing)  # not free(): its get() would restore a spilled one
@@ -361,15 +353,11 @@ class BufferStore:
             self._spilled_bytes += buf.nbytes
 
     def _unspill(self, buf: Buffer) -> None:
-        """Put a buffer :meth:`_spill` moved back on the device; if even that no longer fits,
-        it stays spilled, intact, and comes back on its entity's next use."""
+        """Put a buffer :meth:`_spill` moved to host memory back on the device (raises
+        ``OutOfMemory``, leaving it spilled, if it does not fit)."""
         host = buf.host
         assert host is not None
-        try:
-            allocation = self.backend.alloc(buf.nbytes)
-        except OutOfMemory:
-            return
-        buf.allocation = allocation
+        buf.allocation = self.backend.alloc(buf.nbytes)
         self.backend.upload(buf, host.reshape(-1), 0)
         with self._lock:
             buf.host = None
