@@ -11,7 +11,7 @@ Past a request's hard time limit Celery kills the pool child running it and stor
 own ``TimeLimitExceeded("300.0")``, which says nothing of what a GPU worker loses with
 the child: every entity's device buffers on that GPU. Here the answer is a
 ``gpu_tasks.errors`` class like every other failure, and says so. The soft limit is
-answered in the pool child (:func:`workers.child.runtime.execute`).
+answered in the pool child (:func:`workers.child.executor.execute`).
 """
 
 from __future__ import annotations
