@@ -85,9 +85,8 @@ def run_worker(
 
     configure(settings)
     client = settings.redis_client()
-    table = ownership.table = ownership.OwnershipTable()
-    consumption = Consumption(identity.queue, Holder(identity.worker), settings, client,
-                              table, app)
+    table = ownership.table = ownership.OwnershipTable(identity.queue)
+    consumption = Consumption(table, Holder(identity.worker), settings, client, app)
     consumption.take_lease()
     restored = restore_unacked(client, identity.queue)
     if restored:
