@@ -13,7 +13,8 @@ from that shard's queue. Otherwise nothing runs and nothing is lost:
 - ``fail``: it cannot be routed at all (an unusable ``entity_id``, an entity-less
   request on a shard queue); its result is that error, so the caller learns why;
 - ``skip``: a redelivered request that had already finished (its worker died between
-  storing the result and acknowledging the message): it is not run twice.
+  storing the result and acknowledging the message): it is not run twice (the other
+  mechanisms that keep a request from running twice are listed in :mod:`workers`).
 
 A request without ``entity_id`` runs only when it came from this GPU's own queue.
 What this worker owns is read from its :class:`~workers.consumer.ownership.OwnershipTable`,
