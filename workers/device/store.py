@@ -255,11 +255,9 @@ class BufferStore:
         size = sum(b.nbytes for b in on_device)
         if self._spilled_bytes + size > self.spill_capacity_bytes:
             index = self.shard_of(entity_id)
-            evicted = {(index, entity_id, b.name): Loss(
-                self.generation, f"evicted {why}: the host spill space "
-                f"({self.spill_capacity_bytes} bytes) was full", time.time(),
-                self.ledger.gpu if self.ledger is not None else "")
-                for b in self._entity(entity_id).values()}
+            loss = self._loss(f"evicted {why}: the host spill space "
+                              f"({self.spill_capacity_bytes} bytes) was full")
+            evicted = {(index, entity_id, b.name): loss for b in self._entity(entity_id).values()}
             for buf in list(self._entity(entity_id).values()):
                 self._forget(index, buf)
             self._record_losses(evicted)
@@ -402,6 +400,11 @@ class BufferStore:
                 self._spilled_bytes -= buf.nbytes
                 buf.host = None
 
+    def _loss(self, why: str) -> Loss:
+        """A loss of this store's buffers now, ``why``."""
+        return Loss(self.generation, why, time.time(),
+                    self.ledger.gpu if self.ledger is not None else "")
+
     def _record_losses(self, losses: dict[tuple[int, str, str], Loss]) -> None:
         with self._lock:
             self._lost.update({(e, n): loss for (_, e, n), loss in losses.items()})
@@ -429,9 +432,7 @@ class BufferStore:
                 if moved:
                     handed_off.setdefault(buf.entity_id, []).append(buf.name)
                 else:
-                    losses[(index, buf.entity_id, buf.name)] = Loss(
-                        self.generation, why, time.time(),
-                        self.ledger.gpu if self.ledger is not None else "")
+                    losses[(index, buf.entity_id, buf.name)] = self._loss(why)
         self._record_losses(losses)
         if self.ledger is not None:
             for entity_id, names in handed_off.items():
