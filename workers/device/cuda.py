@@ -1,32 +1,20 @@
 """``pycuda``: the device backend for real NVIDIA GPUs.
 
-Imported only in a GPU worker's pool child, after the parent set
-``CUDA_VISIBLE_DEVICES`` to the physical GPU index, so the one device this
-process sees is CUDA ordinal 0. PyCUDA itself is imported inside the methods
-(never ``pycuda.autoinit``): the context is made by :meth:`CudaBackend.open`,
-in the thread that will use it, and popped by :meth:`CudaBackend.close`.
+Imported only in a GPU worker's pool child, after the parent pinned it with
+``CUDA_VISIBLE_DEVICES``, so its one device is CUDA ordinal 0. PyCUDA is imported inside
+the methods (never ``pycuda.autoinit``): :meth:`CudaBackend.open` makes the context in
+the thread that uses it, after checking what would otherwise fail at the first task
+(:mod:`workers.device.cuda_checks`), and :meth:`CudaBackend.close` pops it.
 
-Allocations come from a :class:`pycuda.tools.DeviceMemoryPool`, so freeing and
-re-allocating a buffer of the same size costs no driver call. Kernels are
-compiled on first use (one per dtype) and cached for the life of the context;
-the numpy twins in :mod:`workers.device.sim` define what they must compute.
-
-Errors: a full device is :class:`~gpu_tasks.errors.OutOfMemory`; a sticky
-driver error (an illegal address, a failed launch) leaves the context unusable,
-so it becomes :class:`~workers.device.base.DevicePoisoned` and the runtime ends the
-pool child (CUDA: "the process must be terminated and relaunched"); any other
-driver or compiler error, a launch that asks for too many resources included, is
-a :class:`~gpu_tasks.errors.DeviceError` that names the operation.
-
-Opening checks what would otherwise fail at the first task (:mod:`workers.device.cuda_checks`):
-``nvcc`` on PATH (PyCUDA compiles kernels at run time), a driver new enough for the CUDA
-that PyCUDA was built with and for the toolkit, and the pinning.
-
-Device objects are finalised only on the task thread: temporaries are freed
-explicitly, tracebacks of driver errors are cleared, and the pool child runs
-Python's cycle collector itself after each task (:attr:`CudaBackend.collects_garbage`):
-a pooled allocation freed from another thread (the heartbeat's) throws inside a
-destructor where the context is not current, which aborts the process.
+Allocations come from PyCUDA's memory pool, so reusing a size costs no driver call;
+kernels are compiled on first use and cached for the context's life, and their numpy
+twins in :mod:`workers.device.sim` define what they compute. A full device is
+:class:`~gpu_tasks.errors.OutOfMemory`; a sticky driver error (an illegal address, a
+failed launch) leaves the context unusable, so it is
+:class:`~workers.device.base.DevicePoisoned` and the runtime ends the pool child (CUDA:
+"the process must be terminated and relaunched"); any other driver or compiler error
+is a :class:`~gpu_tasks.errors.DeviceError` naming the operation. Device objects are
+finalised on the task thread only (:attr:`CudaBackend.collects_garbage`).
 """
 
 from __future__ import annotations
@@ -140,7 +128,10 @@ class CudaBackend:
 
     collects_garbage = True
     """The runtime turns Python's automatic cycle collector off in this process and runs
-    it on the task thread instead (see the module docstring)."""
+    it on the task thread instead: a pooled allocation freed from another thread (the
+    heartbeat's) throws inside a destructor where the context is not current, which
+    aborts the process. Temporaries are freed explicitly for the same reason, and the
+    tracebacks of driver errors cleared (:func:`_forget_frames`)."""
 
     def open(self) -> None:
         """Check the toolkit, make a context on device 0, check it is GPU ``gpu_index`` and
