@@ -1,4 +1,51 @@
-"""The GPU side of gpu-tasks: pinning and boot, device backends, buffer store, kernels.
+"""The GPU side of gpu-tasks: boot and pinning, the consumer, the pool child, devices.
 
 Imported only by GPU workers (``gpu-tasks worker``); producers never import it.
+:mod:`workers.boot` wires the parts; :mod:`workers.consumer` runs in the worker's main
+process (transport, lease, shard consumption, fencing), :mod:`workers.child` in its one
+pool child (the per-request path, the runtime, the task bodies), and
+:mod:`workers.device` below it (backends found by name, the buffer store, kernels).
+No module imports one that imports it back: boot imports the other three; the child
+imports the device layer and the consumer's ownership table; the device layer imports
+nothing above it but the buffer ledger's writer (:mod:`workers.child.ledger_writer`).
+
+Never lost, never run twice
+---------------------------
+The guarantee holds per request; these are its mechanisms, and where each one lives
+(this list is kept here so that none is added or removed unseen):
+
+1. *Taken is recorded.* A delivery is recorded in the GPU's own unacked keys
+   (:func:`gpu_tasks.protocol.unacked.unacked_keys`) until it is acknowledged; one whose
+   record failed as Redis went away is kept in the process and pushed back, marked
+   redelivered, once Redis answers (:class:`workers.consumer.transport.GpuQoS` ``append``,
+   ``GpuChannel._put_back_orphans``).
+2. *One consumer per shard.* The fence (:func:`workers.consumer.fence.judge`) admits an
+   entity request in the main process only with the GPU's lease held and its shard
+   consumed here at the current epoch; the pool child checks again before the body runs
+   (:meth:`workers.child.runtime.DeviceRuntime.served_shard`), since the map may have moved
+   since. Both read the one ownership record, :mod:`workers.consumer.ownership`. What is
+   not admitted goes back, or on to its shard, in one transaction
+   (``GpuQoS.settle``): never in two places.
+3. *Put back at the head, marked redelivered*
+   (:func:`gpu_tasks.protocol.unacked.mark_redelivered`): what a dead or cut-off worker had
+   taken, by :func:`gpu_tasks.protocol.unacked.restore_unacked`, called by the same worker
+   at boot (:func:`workers.boot.run_worker`), after a Redis outage for what it no longer
+   holds (:meth:`workers.consumer.consumption.Consumption.put_back_abandoned`), or by
+   failover (:mod:`gpu_tasks.control.failover`); a requeue by Celery
+   (``GpuChannel._do_restore_message``).
+4. *A finished request is answered, not run again.* A redelivered one whose result is
+   stored is skipped by the fence (``Fence._finished_before``); a copy that reaches the pool
+   child that completed it (fetched while the first ran, its result never stored, or sent
+   twice by a producer) is answered from :mod:`workers.child.completed`
+   (:func:`workers.child.executor.execute`); a body told ``redelivered`` may check what is
+   done (``gpu_tasks.free`` answers ``already_gone``, :mod:`workers.child.handlers`).
+5. *A request that ends its pool child is not retried forever.* Celery requeues it
+   (``task_reject_on_worker_lost``); past ``GPU_TASKS_MAX_CHILD_DEATHS`` deaths it is
+   dead-lettered instead (``GpuQoS.reject``, counted by
+   :meth:`gpu_tasks.control.deadletter.DeadLetterStore.count_death`). A poisoned context
+   ends the child only once the request's answer is stored
+   (:meth:`workers.child.runtime.DeviceRuntime.after_task`), so it is not run again.
+6. *Redis does not hand out a running request.* The visibility timeout is longer than
+   the hard time limit (:mod:`gpu_tasks.settings`), the same wherever Celery reads it, and
+   a delay that would reach past it is refused at submit time (:mod:`gpu_tasks.celeryapp`).
 """

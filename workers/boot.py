@@ -22,13 +22,14 @@ from typing import Any
 
 from celery import signals
 
-from gpu_tasks.control.fleet import FleetRegistry, GpuRecord
+from gpu_tasks.control.fleet import FleetRegistry
 from gpu_tasks.control.lease import Holder
 from gpu_tasks.errors import ConfigError
 from gpu_tasks.protocol.unacked import restore_unacked, unacked_keys
 from gpu_tasks.settings import Settings
-from workers.child import runtime, taskcounts
-from workers.child.runtime import DeviceRuntime, WorkerIdentity
+from gpu_tasks.tasks.declare import install_executor
+from workers.child import executor, runtime, taskcounts
+from workers.child.runtime import WorkerIdentity
 from workers.consumer import control, ownership, request
 from workers.consumer.consumption import CONSUMER, Consumption, bootstep
 from workers.consumer.transport import Guard, install_guard, transport_for
@@ -44,19 +45,6 @@ def pin_to_gpu(gpu_index: int) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_index)
 
 
-def record_boot_failure(identity: WorkerIdentity, settings: Settings, reason: str) -> None:
-    """Register this GPU as ``failed`` with ``reason`` (best effort: Redis may be the cause)."""
-    record = GpuRecord(queue=identity.queue, worker=identity.worker, node=identity.node,
-                       gpu_index=identity.gpu_index, backend=identity.backend, device_name="",
-                       device_uuid="", total_bytes=0, heartbeat_s=settings.heartbeat_s,
-                       pid=os.getpid(), state="failed", error=reason,
-                       started_at=identity.started_at)
-    try:
-        FleetRegistry(settings.redis_client()).heartbeat(record)
-    except Exception as exc:
-        log.warning("could not record the failed start in the fleet registry: %s", exc)
-
-
 def record_fatal_exit(identity: WorkerIdentity, settings: Settings, reason: str) -> None:
     """Mark this GPU's record ``failed`` with ``reason`` (the worker is exiting on an
     unrecoverable error), keeping what it says about the device; best effort."""
@@ -64,7 +52,7 @@ def record_fatal_exit(identity: WorkerIdentity, settings: Settings, reason: str)
         registry = FleetRegistry(settings.redis_client())
         record = registry.get(identity.queue)
         if record is None:
-            record_boot_failure(identity, settings, reason)
+            runtime.record_failure(identity, settings, reason)
             return
         record.state, record.error = "failed", reason
         registry.heartbeat(record)
@@ -84,28 +72,6 @@ class FatalErrors(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def install_executor() -> None:
-    """Run every declared GPU task through this process's runtime, built-ins through
-    their implementations; after each, once its result is stored, let the runtime collect
-    garbage or end a child whose context was poisoned."""
-    from gpu_tasks.tasks.declare import install_executor as install
-    from workers.child import handlers
-
-    implementations = handlers.IMPLEMENTATIONS
-
-    def executor(task: Any, body: Any, entity_id: object, args: tuple[Any, ...],
-                 kwargs: dict[str, Any]) -> Any:
-        return runtime.execute(task, implementations.get(task.name, body), entity_id,
-                               args, kwargs)
-
-    def after_task() -> None:
-        rt = runtime._runtime
-        if rt is not None:
-            rt.after_task()
-
-    install(executor, after_task)
-
-
 def run_worker(
     identity: WorkerIdentity, settings: Settings, loglevel: str = "INFO", pool: str = "prefork"
 ) -> int:
@@ -119,9 +85,8 @@ def run_worker(
 
     configure(settings)
     client = settings.redis_client()
-    table = ownership.table = ownership.OwnershipTable()
-    consumption = Consumption(identity.queue, Holder(identity.worker), settings, client,
-                              table, app)
+    table = ownership.table = ownership.OwnershipTable(identity.queue)
+    consumption = Consumption(table, Holder(identity.worker), settings, client, app)
     consumption.take_lease()
     restored = restore_unacked(client, identity.queue)
     if restored:
@@ -149,39 +114,22 @@ def run_worker(
                         max_child_deaths=settings.max_child_deaths, tasks=app.tasks))
     app.steps["consumer"].add(bootstep(consumption))
     control.install()
-    install_executor()
+    install_executor(executor.execute, executor.after_task)
     request.install(settings)
     counts = taskcounts.install(identity.queue)
     counts.write_to(FleetRegistry(client))  # this process's own; each pool child resets it
 
-    @signals.worker_process_init.connect(weak=False)
-    def _open_device(**_: Any) -> None:
-        counts.reset()
-        try:
-            rt = DeviceRuntime(identity, settings, settings.redis_client())
-        except Exception as exc:
-            # Keep the child alive so every task answers with the reason, and tell the
-            # fleet registry, where `gpu-tasks status` shows it.
-            log.exception("GPU %d failed to start", identity.gpu_index)
-            reason = f"{type(exc).__name__}: {exc}"
-            runtime.install(None, reason)
-            record_boot_failure(identity, settings, reason)
-            counts.write_to(FleetRegistry(settings.redis_client()))
-            return
-        rt.task_counts = counts
-        runtime.install(rt)
-        rt.start_heartbeat()
+    def open_device(**_: Any) -> None:
+        runtime.open_device(identity, settings, counts)
 
-    @signals.worker_process_shutdown.connect(weak=False)
-    def _close_device(**_: Any) -> None:
-        rt = runtime._runtime
-        if rt is not None:
-            rt.stop()
-            runtime.install(None)
+    def close_device(**_: Any) -> None:
+        runtime.close_device()
 
+    signals.worker_process_init.connect(open_device, weak=False)
+    signals.worker_process_shutdown.connect(close_device, weak=False)
     if pool == "solo":  # no child: the worker process itself holds the device
-        signals.worker_ready.connect(lambda **_: _open_device(), weak=False)
-        signals.worker_shutdown.connect(lambda **_: _close_device(), weak=False)
+        signals.worker_ready.connect(open_device, weak=False)
+        signals.worker_shutdown.connect(close_device, weak=False)
 
     worker = app.Worker(
         hostname=identity.worker,

@@ -23,9 +23,9 @@ Workers must import the module defining the task: ``gpu-tasks worker --import
 myapp.tasks`` (or ``GPU_TASKS_IMPORTS``).
 
 This module only declares. A task body runs through the executor that a GPU
-worker's boot installs (:func:`install_executor`); anywhere else a GPU task fails
-with a clear :class:`~gpu_tasks.errors.DeviceError`, so producers never import GPU
-code.
+worker's boot installs (:func:`install_executor`; the executor is
+``workers.child.executor``); anywhere else a GPU task fails with a clear
+:class:`~gpu_tasks.errors.DeviceError`, so producers never import GPU code.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from gpu_tasks.errors import BadRequest, ConfigError
 from gpu_tasks.settings import Settings
 from workers.child.runtime import DeviceRuntime, WorkerIdentity
 from workers.device.base import Buffer
-from workers.device.cuda import require_nvcc, sticky_error, version_problems
+from workers.device.cuda_checks import require_nvcc, sticky_error, version_problems
 from workers.device.kernels import KERNELS
 from workers.device.sim import SimBackend
 
@@ -62,7 +62,7 @@ def test_a_missing_compiler_fails_the_open_with_advice(monkeypatch: pytest.Monke
     nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.4, V12.4.131'\n")
     nvcc.chmod(0o755)
     assert require_nvcc() == str(nvcc)
-    from workers.device.cuda import nvcc_version
+    from workers.device.cuda_checks import nvcc_version
 
     assert nvcc_version(str(nvcc)) == (12, 4)
 

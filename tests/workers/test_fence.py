@@ -8,7 +8,8 @@ import pytest
 
 from gpu_tasks.errors import RoutingError, ShardMapError
 from gpu_tasks.protocol.routing import shard_index
-from workers.consumer.fence import NO_ENTITY, View, judge
+from workers.consumer.fence import NO_ENTITY, judge
+from workers.consumer.ownership import OwnershipTable
 
 GPU = "gpu.n.0"
 S = 16
@@ -16,9 +17,13 @@ ENTITY = "user-42"
 OWN = shard_index(ENTITY, S)
 
 
-def view(consumed: dict[str, int] | None = None, lease: bool = True, shards: int = S) -> View:
-    return View(GPU, shards, {f"shard-{OWN}": OWN} if consumed is None else consumed,
-                time.monotonic() + (60 if lease else -1))
+def view(consumed: list[int] | None = None, lease: bool = True,
+         shards: int = S) -> OwnershipTable:
+    """What the worker owns: by default shard OWN of S, with its lease held."""
+    owned = OwnershipTable(GPU, max_shards=S)
+    owned.publish(1, [OWN] if consumed is None else consumed, shard_count=shards)
+    owned.hold_lease_until(time.monotonic() + (60 if lease else -1))
+    return owned
 
 
 def test_an_entity_request_from_its_own_consumed_shard_queue_runs() -> None:
@@ -26,7 +31,7 @@ def test_an_entity_request_from_its_own_consumed_shard_queue_runs() -> None:
 
 
 def test_a_request_for_a_shard_this_gpu_does_not_consume_goes_back_to_its_head() -> None:
-    verdict = judge(f"shard-{OWN}", ENTITY, view(consumed={}))
+    verdict = judge(f"shard-{OWN}", ENTITY, view(consumed=[]))
     assert (verdict.action, verdict.queue) == ("return", f"shard-{OWN}")
     assert "does not consume" in verdict.reason
 

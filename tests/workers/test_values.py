@@ -20,7 +20,7 @@ import pytest
 from gpu_tasks.errors import BadRequest, DeviceError, OutOfMemory, RoutingError
 from gpu_tasks.protocol.routing import EntityRouter, validate_entity_id
 from gpu_tasks.settings import Settings
-from workers.child import handlers, runtime
+from workers.child import executor, handlers, runtime
 from workers.child.completed import Completed
 from workers.child.runtime import EntityContext, element_range
 from workers.device.base import Backend
@@ -366,7 +366,7 @@ def test_kernel_cast_reaches_the_kernels(store: BufferStore) -> None:
 
 
 class _Runtime:
-    """Just enough of a DeviceRuntime for :func:`workers.child.runtime.execute`."""
+    """Just enough of a DeviceRuntime for :func:`workers.child.executor.execute`."""
 
     def __init__(self, store: BufferStore) -> None:
         self.backend, self.store, self.settings = store.backend, store, Settings(
@@ -376,7 +376,7 @@ class _Runtime:
     def sync_ownership(self) -> None:
         pass
 
-    def serve(self, entity_id: str, task_name: str) -> int:
+    def served_shard(self, entity_id: str, task_name: str) -> int:
         return 0
 
     @contextmanager
@@ -394,7 +394,7 @@ def executing(store: BufferStore) -> Iterator[Callable[..., Any]]:
                            request=SimpleNamespace(id="t1", delivery_info={}, timelimit=None))
 
     def run(body: Callable[..., Any], entity_id: object = "e", **kwargs: Any) -> Any:
-        return runtime.execute(task, body, entity_id, (), kwargs)
+        return executor.execute(task, body, entity_id, (), kwargs)
 
     yield run
     runtime.install(None)

@@ -1,1 +1,1 @@
-"""The GPU worker's pool child: runtime, task bodies, shard state."""
+"""The GPU worker's pool child: the per-request path, runtime, task bodies, shard state."""

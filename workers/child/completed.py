@@ -14,7 +14,8 @@ silently double what it did, so the child keeps the results of the requests it
 completed last and answers a second copy with the same result.
 
 A result too large to keep cheaply (a big ``read``) is not kept: running a read again
-changes nothing. A user's task with a large result is run again, with a warning.
+changes nothing. A user's task with a large result is run again, with a warning. (Every
+mechanism that keeps a request from running twice is listed in :mod:`workers`.)
 """
 
 from __future__ import annotations

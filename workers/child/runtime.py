@@ -1,10 +1,10 @@
 """The GPU runtime of one worker's pool child: the device, its buffers, its heartbeat.
 
-Started by :mod:`workers.boot` in ``worker_process_init`` (after fork, after
-pinning), so the device context belongs to the process that uses it. Every GPU
-task goes through :func:`execute`, which checks the entity id, checks that this
-GPU still serves the entity's shard (:mod:`workers.consumer.ownership`), hands the body an
-:class:`EntityContext` and wraps the result with where it ran.
+Opened by :func:`open_device` in ``worker_process_init`` (after fork, after pinning;
+:mod:`workers.boot` wires it), so the device context belongs to the process that uses
+it. Every GPU task runs on it through :mod:`workers.child.executor`: the runtime says
+whether this GPU still serves the entity's shard (:mod:`workers.consumer.ownership`),
+makes the body's :class:`EntityContext` and the where-it-ran fields of the result.
 
 A request that poisons the device context is answered with
 :class:`~gpu_tasks.errors.ContextPoisoned`, and then the pool child ends
@@ -17,44 +17,29 @@ child that opens a fresh context at the next generation. The buffer ledger
 from __future__ import annotations
 
 import gc
-import inspect
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from celery.exceptions import CeleryError, Reject, SoftTimeLimitExceeded
+from celery.exceptions import Reject
 
 from gpu_tasks.control.fleet import FleetRegistry, GpuRecord
 from gpu_tasks.control.shardmap import ShardMapStore
-from gpu_tasks.errors import (
-    BadRequest,
-    ContextPoisoned,
-    DeviceError,
-    GpuTasksError,
-    RoutingError,
-    TaskTimeLimitExceeded,
-)
-from gpu_tasks.protocol.arguments import bad_arguments
-from gpu_tasks.protocol.routing import (
-    gpu_queue,
-    shard_index,
-    shard_name,
-    validate_entity_id,
-    worker_name,
-)
+from gpu_tasks.errors import BadRequest, ContextPoisoned, DeviceError
+from gpu_tasks.protocol.routing import gpu_queue, shard_index, shard_name, worker_name
 from gpu_tasks.settings import Settings
-from workers.child.completed import MISSING, Completed
+from workers.child.completed import Completed
 from workers.child.ledger_writer import BufferLedger
 from workers.child.taskcounts import TaskCounts
 from workers.consumer import ownership
 from workers.device import kernels, values
-from workers.device.base import Backend, Buffer, DevicePoisoned
+from workers.device.base import Backend, Buffer, DeviceInfo, DevicePoisoned
 from workers.device.registry import create_backend
 from workers.device.store import BufferStore
 
@@ -85,6 +70,29 @@ class WorkerIdentity:
     @property
     def worker(self) -> str:
         return worker_name(self.node, self.gpu_index)
+
+    def record(self, heartbeat_s: float, *, state: str = "running", error: str = "",
+               device: DeviceInfo | None = None, generation: int = 0,
+               totals: Mapping[str, int] | None = None) -> GpuRecord:
+        """This GPU's fleet registry record, as this process sees it now: with its open
+        ``device``, the store's ``generation`` and ``totals``; or without (a failed start)."""
+        return GpuRecord(
+            queue=self.queue,
+            worker=self.worker,
+            node=self.node,
+            gpu_index=self.gpu_index,
+            backend=device.backend if device is not None else self.backend,
+            device_name=device.name if device is not None else "",
+            device_uuid=device.uuid if device is not None else "",
+            total_bytes=device.total_bytes if device is not None else 0,
+            heartbeat_s=heartbeat_s,
+            generation=generation,
+            pid=os.getpid(),
+            state=state,
+            error=error,
+            started_at=self.started_at,
+            **(totals or {}),
+        )
 
 
 def element_range(buf: Buffer, offset: object, count: object) -> tuple[int, int]:
@@ -263,24 +271,9 @@ class DeviceRuntime:
     # -- fleet registry ---------------------------------------------------------
 
     def record(self, state: str = "running", error: str = "") -> GpuRecord:
-        info, totals = self.backend.info, self.store.totals()
-        return GpuRecord(
-            queue=self.identity.queue,
-            worker=self.identity.worker,
-            node=self.identity.node,
-            gpu_index=self.identity.gpu_index,
-            backend=info.backend,
-            device_name=info.name,
-            device_uuid=info.uuid,
-            total_bytes=info.total_bytes,
-            heartbeat_s=self.settings.heartbeat_s,
-            generation=self.store.generation,
-            pid=os.getpid(),
-            state=state,
-            error=error,
-            started_at=self.identity.started_at,
-            **totals,
-        )
+        return self.identity.record(self.settings.heartbeat_s, state=state, error=error,
+                                    device=self.backend.info, generation=self.store.generation,
+                                    totals=self.store.totals())
 
     def heartbeat(self, state: str = "running") -> None:
         """Write this GPU's record and add the task counts gathered since the last beat, in
@@ -395,7 +388,7 @@ class DeviceRuntime:
                         "longer holds", self.identity.queue, self._seen_epoch, dropped,
                         len(gone))
 
-    def serve(self, entity_id: str, task_name: str) -> int:
+    def served_shard(self, entity_id: str, task_name: str) -> int:
         """The entity's shard, if this GPU serves it now; else the request goes back to the
         head of its shard's queue (``Reject(requeue=True)``) for the shard's new consumer.
 
@@ -429,13 +422,21 @@ class DeviceRuntime:
         }
 
 
+# -- this process's runtime -----------------------------------------------------------
+
 _runtime: DeviceRuntime | None = None
 _boot_error: str | None = None
 
 
 def install(runtime: DeviceRuntime | None, error: str | None = None) -> None:
+    """Make ``runtime`` this process's; None: it has none, for the reason ``error``."""
     global _runtime, _boot_error
     _runtime, _boot_error = runtime, error
+
+
+def installed() -> DeviceRuntime | None:
+    """This process's runtime, or None."""
+    return _runtime
 
 
 def current() -> DeviceRuntime:
@@ -450,105 +451,38 @@ def current() -> DeviceRuntime:
     return _runtime
 
 
-_BUILT_IN_MODULE = "workers.child.handlers"
-"""Where the built-in tasks' bodies live (not imported here: it imports this module)."""
-_signatures: dict[Callable[..., Any], inspect.Signature] = {}
-
-
-def _bind(
-    body: Callable[..., Any], ctx: object, args: tuple[Any, ...], kwargs: Mapping[str, Any]
-) -> None:
-    """Reject arguments the body does not take, naming the field (send_task skips Celery's
-    own submit-time check)."""
-    sig = _signatures.get(body)
-    if sig is None:
-        sig = _signatures[body] = inspect.signature(body)
+def open_device(identity: WorkerIdentity, settings: Settings, counts: TaskCounts) -> None:
+    """Open this GPU's device in a fresh pool child (``worker_process_init``; the worker
+    itself with ``--pool solo``) and start its heartbeat. A device that fails to open
+    leaves the child alive, so that every task answers with the reason, and the fleet
+    registry, where `gpu-tasks status` shows it, says so too."""
+    counts.reset()
     try:
-        sig.bind(ctx, *args, **kwargs)
-    except TypeError as exc:
-        raise bad_arguments(exc) from None
+        runtime = DeviceRuntime(identity, settings, settings.redis_client())
+    except Exception as exc:
+        log.exception("GPU %d failed to start", identity.gpu_index)
+        reason = f"{type(exc).__name__}: {exc}"
+        install(None, reason)
+        record_failure(identity, settings, reason)
+        counts.write_to(FleetRegistry(settings.redis_client()))
+        return
+    runtime.task_counts = counts
+    install(runtime)
+    runtime.start_heartbeat()
 
 
-def execute(
-    task: Any,
-    body: Callable[..., Any],
-    entity_id: object,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> Any:
-    """Run one GPU task body on this GPU (the executor ``gpu_tasks.tasks.declare`` calls): an
-    entity request on its entity's context, a GPU-queue request on the GPU's.
+def close_device() -> None:
+    """At the pool child's shutdown: a last heartbeat (``stopped``), and the device closed."""
+    if _runtime is not None:
+        _runtime.stop()
+        install(None)
 
-    A second copy of a request this pool child completed (redelivered, or sent twice by a
-    producer whose publish timed out and was retried) is answered with the result it
-    completed with (:mod:`workers.child.completed`), not run again: one dict lookup per request.
-    A request past its soft time limit is answered :class:`TaskTimeLimitExceeded`."""
-    runtime = current()
-    request = task.request
-    done = runtime.completed.result(request.id)
-    if done is not MISSING:
-        log.warning("%s %s was delivered again after it completed here: answered with the "
-                    "same result, not run again", task.name, request.id)
-        return done
-    redelivered = bool((request.delivery_info or {}).get("redelivered"))
+
+def record_failure(identity: WorkerIdentity, settings: Settings, reason: str) -> None:
+    """Register this GPU as ``failed`` with ``reason``, without a device (best effort:
+    Redis may be the cause)."""
     try:
-        value = _execute(runtime, task, body, entity_id, args, kwargs, redelivered)
-    except SoftTimeLimitExceeded:
-        limit_s = _soft_limit_s(task, runtime.settings)
-        raise TaskTimeLimitExceeded(
-            f"{task.name} ran past its soft time limit ({limit_s:g} s) and was interrupted; "
-            f"{runtime.identity.queue} kept its buffers, with what the task had written so "
-            "far (raise the limit with soft_time_limit=, or GPU_TASKS_TASK_SOFT_TIME_LIMIT_S)",
-            limit_s, True) from None
-    runtime.completed.remember(request.id, value)
-    return value
-
-
-def _soft_limit_s(task: Any, settings: Settings) -> float:
-    """The soft limit a request ran under: its own, its task's, or the worker's."""
-    limits = task.request.timelimit or (None, None)
-    soft = limits[1] if len(limits) > 1 else None
-    return float(soft or task.soft_time_limit or settings.task_soft_time_limit_s)
-
-
-def _execute(
-    runtime: DeviceRuntime,
-    task: Any,
-    body: Callable[..., Any],
-    entity_id: object,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    redelivered: bool,
-) -> Any:
-    runtime.sync_ownership()
-    ctx: EntityContext | GpuContext
-    eid: str | None = None
-    shard: int | None = None
-    if getattr(task, "queue_addressed", False):
-        ctx = GpuContext(runtime)
-    else:
-        try:
-            eid = validate_entity_id(entity_id, runtime.settings.max_entity_id_chars)
-        except RoutingError as exc:
-            raise BadRequest(str(exc), "entity_id") from None
-        shard = runtime.serve(eid, task.name)
-        runtime.store.touch(eid)
-        ctx = EntityContext(runtime, eid, shard, redelivered)
-    _bind(body, ctx, args, kwargs)
-    with runtime.guard():
-        try:
-            value = body(ctx, *args, **kwargs)
-        except (GpuTasksError, CeleryError, SoftTimeLimitExceeded, DevicePoisoned):
-            raise  # answers, Celery's own control flow (Reject), and the poisoned context
-        except Exception as exc:
-            if getattr(body, "__module__", None) != _BUILT_IN_MODULE:
-                raise  # a user's task: its exceptions are its own contract
-            # Every failure of a built-in is a gpu_tasks.errors class; one that is not is a
-            # bug here, so it is logged with its traceback, never swallowed.
-            log.exception("%s failed with an untyped error", task.name)
-            raise DeviceError(f"{task.name} failed inside the GPU worker: "
-                              f"{type(exc).__name__}: {exc}") from None
-    where = runtime.where(eid, shard)
-    if getattr(task, "flat_result", False):
-        return {**where, **value}
-    return {**where, "result": value}
+        FleetRegistry(settings.redis_client()).heartbeat(
+            identity.record(settings.heartbeat_s, state="failed", error=reason))
+    except Exception as exc:
+        log.warning("could not record the failed start in the fleet registry: %s", exc)

@@ -44,10 +44,16 @@ def _check_handoff(handoff: object) -> str:
     return handoff
 
 
-def _check_shard(shard: object, *, serving: bool) -> int:
-    """``shard`` if this GPU holds its state and does (``serving``) or does not serve it."""
+def _shard_index(shard: object) -> int:
+    """``shard`` if it is a shard index, else :class:`BadRequest` naming it."""
     if isinstance(shard, bool) or not isinstance(shard, int) or shard < 0:
         raise BadRequest(f"shard must be a shard index, got {shard!r}", "shard")
+    return shard
+
+
+def _check_shard(shard: object, *, serving: bool) -> int:
+    """``shard`` if this GPU holds its state and does (``serving``) or does not serve it."""
+    shard = _shard_index(shard)
     table = ownership.table
     if table is not None:
         held, served = shard in table.held(), table.serves(shard)
@@ -140,9 +146,7 @@ def import_shard(store: BufferStore, client: redis.Redis, shard: object,
 
 def release_shard(store: BufferStore, shard: object, handoff: object) -> dict[str, Any]:
     """Free the state of a shard whose handoff is complete (it moved: nothing is lost)."""
-    index = shard if isinstance(shard, int) and not isinstance(shard, bool) else -1
-    if index < 0:
-        raise BadRequest(f"shard must be a shard index, got {shard!r}", "shard")
+    index = _shard_index(shard)
     handoff_id = _check_handoff(handoff)
     table = ownership.table
     if table is not None and index in table.held():

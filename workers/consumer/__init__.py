@@ -1,1 +1,1 @@
-"""The GPU worker's main process: transport, consumption, fencing, requests."""
+"""The GPU worker's main process: transport, consumption, ownership, fencing, requests."""

@@ -7,8 +7,9 @@ every ``map_poll_s`` on Celery's event loop:
 2. when the epoch moved, read the map and consume exactly the queues of the shards
    this GPU consumes (:attr:`gpu_tasks.control.shardmap.Shard.consumer`) plus its own GPU
    queue, adding and cancelling queues on the running Celery consumer (no restart);
-3. tell the fence (:mod:`workers.consumer.fence`) and the pool child
-   (:mod:`workers.consumer.ownership`) what it now serves.
+3. publish what this GPU now serves in its ownership table
+   (:mod:`workers.consumer.ownership`), the one record of it, which the fence
+   (:mod:`workers.consumer.fence`) and the pool child read.
 
 Because the event loop renews the lease, a frozen or wedged main process stops
 renewing it, and the GPU counts as gone after ``lease_ttl_s``. If the lease is lost
@@ -47,7 +48,7 @@ from gpu_tasks.protocol.routing import shard_name
 from gpu_tasks.protocol.unacked import restore_unacked
 from gpu_tasks.settings import Settings
 from workers.consumer.device_stats import device_stats, registry_client
-from workers.consumer.fence import Fence, View
+from workers.consumer.fence import Fence
 from workers.consumer.ownership import OwnershipTable
 
 log = logging.getLogger(__name__)
@@ -59,19 +60,19 @@ EXIT_LEASE_LOST = 3
 class Consumption:
     """The main process's lease, shard-map epoch and consumed queues (see the module)."""
 
-    def __init__(self, gpu: str, holder: Holder, settings: Settings, client: redis.Redis,
-                 table: OwnershipTable, app: Any) -> None:
-        self.gpu = gpu
+    def __init__(self, table: OwnershipTable, holder: Holder, settings: Settings,
+                 client: redis.Redis, app: Any) -> None:
+        self.gpu = table.gpu
         self.holder = holder
         self.settings = settings
         self.table = table
         self.client = client
         self.leases = LeaseStore(client)
         self.maps = ShardMapStore(client)
-        self.view = View(gpu)
-        self.fence = Fence(self.view, app)
+        self.fence = Fence(table, app)
         self.epoch = -1
-        self.owned: list[int] = []
+        """The map epoch the Celery consumer's queues were last brought to (what this GPU
+        serves at it is in the table); a reconcile that fails is tried again next tick."""
         self._timer: Any = None
         self._redis_down_since: float | None = None
         self._started = False
@@ -90,12 +91,9 @@ class Consumption:
     def _renewed(self, renewal: Renewal, sent: float) -> None:
         # Redis started the lease's time to live after we sent the call: counting from
         # the send is safe, and a tenth of margin covers clocks running at other rates.
-        until = sent + self.settings.lease_ttl_s * 0.9
-        self.view.lease_until = until
-        self.table.hold_lease_until(until)
+        self.table.hold_lease_until(sent + self.settings.lease_ttl_s * 0.9)
 
     def release_lease(self) -> None:
-        self.view.lease_until = 0.0
         self.table.hold_lease_until(0.0)
         try:
             self.leases.release(self.gpu, self.holder.token)
@@ -125,7 +123,8 @@ class Consumption:
         (:mod:`workers.consumer.device_stats`)."""
         if self._registry is None:
             self._registry = FleetRegistry(registry_client(self.settings))
-        return device_stats(self.gpu, self._registry, shards=len(self.owned), epoch=self.epoch)
+        return device_stats(self.gpu, self._registry, shards=len(self.table.served()),
+                            epoch=self.epoch)
 
     # -- every map_poll_s ------------------------------------------------------------
 
@@ -133,14 +132,14 @@ class Consumption:
         sent = time.monotonic()
         try:
             renewal = self.leases.claim(self.gpu, self.holder, self.settings.lease_ttl_s,
-                                        epoch=self.epoch, consuming=len(self.owned))
+                                        epoch=self.epoch, consuming=len(self.table.served()))
         except redis.RedisError as exc:
             self._interrupted = True
             if self._redis_down_since is None:
                 self._redis_down_since = sent
                 log.warning("%s: cannot renew the lease (%s); requests stop running in "
                             "%.1fs unless Redis answers", self.gpu, exc,
-                            max(0.0, self.view.lease_until - sent))
+                            max(0.0, self.table.lease_until - sent))
             return
         if self._redis_down_since is not None:
             log.warning("%s: Redis answers again after %.1fs", self.gpu,
@@ -202,13 +201,11 @@ class Consumption:
         added = sorted((q for q in queues if q not in current), key=queues.__getitem__)
         # Stop serving dropped shards (fence and pool child) before cancelling their
         # queues: a message still in flight from one of them goes back where it came from.
-        self.view.consumed = queues
-        self.view.shard_count = shard_count
-        self.table.publish(epoch, wanted, held, versions)
+        self.table.publish(epoch, wanted, held, versions, shard_count=shard_count)
         self._cancel(c, dropped)
         self._consume(c, [self.gpu] if self.gpu not in current else [])
         self._consume(c, added)
-        self.epoch, self.owned = epoch, wanted
+        self.epoch = epoch
         if added or dropped:
             log.warning("%s: shard map epoch %d: consuming %d shard queues (+%d, -%d)",
                         self.gpu, epoch, len(wanted), len(added), len(dropped))
@@ -237,12 +234,9 @@ class Consumption:
     def _lost(self, c: Consumer, renewal: Renewal) -> None:
         log.critical("%s: lost the GPU's lease to another worker (token %s): no longer "
                      "consuming, shutting down", self.gpu, renewal.holder_token)
-        self.view.lease_until = 0.0
-        self.view.consumed = {}
         self.table.hold_lease_until(0.0)
         self.table.publish(self.epoch, [])
         self._cancel(c, [q.name for q in c.task_consumer.queues])
-        self.owned = []
         worker_state.should_stop = EXIT_LEASE_LOST
 
 

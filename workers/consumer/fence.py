@@ -13,18 +13,19 @@ from that shard's queue. Otherwise nothing runs and nothing is lost:
 - ``fail``: it cannot be routed at all (an unusable ``entity_id``, an entity-less
   request on a shard queue); its result is that error, so the caller learns why;
 - ``skip``: a redelivered request that had already finished (its worker died between
-  storing the result and acknowledging the message): it is not run twice.
+  storing the result and acknowledging the message): it is not run twice (the other
+  mechanisms that keep a request from running twice are listed in :mod:`workers`).
 
 A request without ``entity_id`` runs only when it came from this GPU's own queue.
-:func:`judge` decides from plain values, so it can be tested without Celery.
+What this worker owns is read from its :class:`~workers.consumer.ownership.OwnershipTable`,
+the one record of it (the pool child reads the same). :func:`judge` decides from that
+table and plain values, so it can be tested without Celery.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from celery import states
@@ -40,27 +41,12 @@ from gpu_tasks.protocol.routing import (
     validate_entity_id,
 )
 from gpu_tasks.protocol.unacked import SOURCE, source_queue
+from workers.consumer.ownership import OwnershipTable
 
 log = logging.getLogger(__name__)
 
 NO_ENTITY = object()
 """``entity_id`` of a request that carries none."""
-
-
-@dataclass
-class View:
-    """What the main process knows when a message arrives (kept by workers.consumer.consumption)."""
-
-    gpu: str
-    shard_count: int = 0
-    """S; 0 until the shard map has been read."""
-    consumed: Mapping[str, int] = field(default_factory=dict)
-    """Shard queues this GPU consumes at the current epoch, name -> index."""
-    lease_until: float = 0.0
-    """Monotonic time until which the lease is known to be held."""
-
-    def lease_held(self) -> bool:
-        return time.monotonic() < self.lease_until
 
 
 @dataclass(frozen=True)
@@ -76,34 +62,36 @@ class Verdict:
 RUN = Verdict("run")
 
 
-def judge(source: str | None, entity_id: object, view: View) -> Verdict:
-    """What to do with a request that came from ``source`` for ``entity_id``."""
+def judge(source: str | None, entity_id: object, owned: OwnershipTable) -> Verdict:
+    """What to do with a request that came from ``source`` for ``entity_id``, given what
+    this worker ``owned`` at this moment."""
     if source is None:
         return Verdict("fail", error=RoutingError("the message names no queue"))
-    if not view.lease_held():
-        return Verdict("return", source, f"{view.gpu} does not hold its lease")
+    if not owned.lease_held():
+        return Verdict("return", source, f"{owned.gpu} does not hold its lease")
     arrived_on_shard = parse_shard_queue(source)
     if entity_id is NO_ENTITY:
-        if source == view.gpu:
+        if source == owned.gpu:
             return RUN
         if arrived_on_shard is not None:
             return Verdict("fail", error=RoutingError(
                 f"a request without entity_id arrived on shard queue {source}; shard queues "
                 "carry entity requests only (send GPU requests with queue='gpu.<node>.<i>')"))
-        return Verdict("return", source, f"{view.gpu} does not consume {source}")
+        return Verdict("return", source, f"{owned.gpu} does not consume {source}")
     try:
         eid = validate_entity_id(entity_id)
     except RoutingError as exc:
         return Verdict("fail", error=exc)
-    if not view.shard_count:
+    shard_count = owned.shard_count
+    if not shard_count:
         return Verdict("fail", error=ShardMapError(NO_MAP))
-    index = shard_index(eid, view.shard_count)
+    index = shard_index(eid, shard_count)
     if arrived_on_shard != index:
         target = shard_name(index)
         return Verdict("move", target, f"entity {eid!r} arrived on {source}, not on {target}")
-    if view.consumed.get(source) == index:
+    if owned.serves(index):  # source is shard_name(index): it arrived on its own queue
         return RUN
-    return Verdict("return", source, f"{view.gpu} does not consume {source} now")
+    return Verdict("return", source, f"{owned.gpu} does not consume {source} now")
 
 
 def _entity_id(message: Any) -> object:
@@ -122,15 +110,15 @@ def _entity_id(message: Any) -> object:
 class Fence:
     """Applies :func:`judge` to each fetched message, before Celery sees it."""
 
-    def __init__(self, view: View, app: Any) -> None:
-        self.view = view
+    def __init__(self, owned: OwnershipTable, app: Any) -> None:
+        self.owned = owned
         self.app = app
 
     def admit(self, message: Any) -> bool:
         """True: hand the message to Celery. False: it has been put back, moved, answered
         or skipped here."""
         source = source_queue(message._raw, message.delivery_info.get("routing_key"))
-        verdict = judge(source, _entity_id(message), self.view)
+        verdict = judge(source, _entity_id(message), self.owned)
         if verdict.action == "run":
             if self._finished_before(message):
                 message.channel.qos.settle(message, None, head=False)
@@ -138,16 +126,16 @@ class Fence:
             return True
         task_id, name = message.headers.get("id"), message.headers.get("task")
         if verdict.action == "return":
-            log.info("%s: %s %s put back on %s: %s", self.view.gpu, name, task_id,
+            log.info("%s: %s %s put back on %s: %s", self.owned.gpu, name, task_id,
                      verdict.queue, verdict.reason)
             message.channel.qos.settle(message, verdict.queue, head=True)
         elif verdict.action == "move":
-            log.warning("%s: %s %s moved to its shard's queue: %s", self.view.gpu, name,
+            log.warning("%s: %s %s moved to its shard's queue: %s", self.owned.gpu, name,
                         task_id, verdict.reason)
             self._readdress(message, str(verdict.queue))
             message.channel.qos.settle(message, verdict.queue, head=False)
         else:
-            log.warning("%s: %s %s refused: %s", self.view.gpu, name, task_id, verdict.error)
+            log.warning("%s: %s %s refused: %s", self.owned.gpu, name, task_id, verdict.error)
             self._fail(message, task_id, name, verdict.error)
         return False
 
@@ -162,7 +150,7 @@ class Fence:
         state = self.app.backend.get_task_meta(task_id).get("status")
         if state in states.READY_STATES:
             log.warning("%s: %s %s was redelivered but had already finished (%s): not run "
-                        "again", self.view.gpu, message.headers.get("task"), task_id, state)
+                        "again", self.owned.gpu, message.headers.get("task"), task_id, state)
             return True
         return False
 

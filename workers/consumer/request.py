@@ -11,7 +11,7 @@ Past a request's hard time limit Celery kills the pool child running it and stor
 own ``TimeLimitExceeded("300.0")``, which says nothing of what a GPU worker loses with
 the child: every entity's device buffers on that GPU. Here the answer is a
 ``gpu_tasks.errors`` class like every other failure, and says so. The soft limit is
-answered in the pool child (:func:`workers.child.runtime.execute`).
+answered in the pool child (:func:`workers.child.executor.execute`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from celery.exceptions import TimeLimitExceeded
 from celery.worker import state
 from celery.worker.request import Request
 
+from gpu_tasks.celeryapp import GPU_WORKER_FLAG
 from gpu_tasks.errors import TaskTimeLimitExceeded
 from gpu_tasks.settings import Settings
 
@@ -66,7 +67,7 @@ class GpuRequest(Request):  # type: ignore[misc]
 
     def _hard_limit_info(self, exc: TimeLimitExceeded) -> ExceptionInfo:
         timeout = float(exc.args[0]) if exc.args else 0.0
-        gpu = self.task.app.conf.get("gpu_tasks_gpu_worker") or "this GPU"
+        gpu = self.task.app.conf.get(GPU_WORKER_FLAG) or "this GPU"
         try:
             raise TaskTimeLimitExceeded(
                 f"{self.name} ran past its hard time limit ({timeout:g} s): its pool child was "

@@ -1,39 +1,24 @@
 """``pycuda``: the device backend for real NVIDIA GPUs.
 
-Imported only in a GPU worker's pool child, after the parent set
-``CUDA_VISIBLE_DEVICES`` to the physical GPU index, so the one device this
-process sees is CUDA ordinal 0. PyCUDA itself is imported inside the methods
-(never ``pycuda.autoinit``): the context is made by :meth:`CudaBackend.open`,
-in the thread that will use it, and popped by :meth:`CudaBackend.close`.
+Imported only in a GPU worker's pool child, after the parent pinned it with
+``CUDA_VISIBLE_DEVICES``, so its one device is CUDA ordinal 0. PyCUDA is imported inside
+the methods (never ``pycuda.autoinit``): :meth:`CudaBackend.open` makes the context in
+the thread that uses it, after checking what would otherwise fail at the first task
+(:mod:`workers.device.cuda_checks`), and :meth:`CudaBackend.close` pops it.
 
-Allocations come from a :class:`pycuda.tools.DeviceMemoryPool`, so freeing and
-re-allocating a buffer of the same size costs no driver call. Kernels are
-compiled on first use (one per dtype) and cached for the life of the context;
-the numpy twins in :mod:`workers.device.sim` define what they must compute.
-
-Errors: a full device is :class:`~gpu_tasks.errors.OutOfMemory`; a sticky
-driver error (an illegal address, a failed launch) leaves the context unusable,
-so it becomes :class:`~workers.device.base.DevicePoisoned` and the runtime ends the
-pool child (CUDA: "the process must be terminated and relaunched"); any other
-driver or compiler error, a launch that asks for too many resources included, is
-a :class:`~gpu_tasks.errors.DeviceError` that names the operation.
-
-Opening checks what would otherwise fail at the first task: ``nvcc`` on PATH
-(PyCUDA compiles kernels at run time), and a driver new enough for the CUDA that
-PyCUDA was built with and for the toolkit (:func:`version_problems`).
-
-Device objects are finalised only on the task thread: temporaries are freed
-explicitly, tracebacks of driver errors are cleared, and the pool child runs
-Python's cycle collector itself after each task (:attr:`CudaBackend.collects_garbage`):
-a pooled allocation freed from another thread (the heartbeat's) throws inside a
-destructor where the context is not current, which aborts the process.
+Allocations come from PyCUDA's memory pool, so reusing a size costs no driver call;
+kernels are compiled on first use and cached for the context's life, and their numpy
+twins in :mod:`workers.device.sim` define what they compute. A full device is
+:class:`~gpu_tasks.errors.OutOfMemory`; a sticky driver error (an illegal address, a
+failed launch) leaves the context unusable, so it is
+:class:`~workers.device.base.DevicePoisoned` and the runtime ends the pool child (CUDA:
+"the process must be terminated and relaunched"); any other driver or compiler error
+is a :class:`~gpu_tasks.errors.DeviceError` naming the operation. Device objects are
+finalised on the task thread only (:attr:`CudaBackend.collects_garbage`).
 """
 
 from __future__ import annotations
 
-import re
-import shutil
-import subprocess
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -44,37 +29,18 @@ import numpy as np
 
 from gpu_tasks.errors import BadRequest, ConfigError, DeviceError, OutOfMemory
 from workers.device.base import Buffer, DeviceInfo, DevicePoisoned
+from workers.device.cuda_checks import (
+    cuda_version,
+    normalize_pci_bus_id,
+    nvcc_version,
+    physical_gpu_uuid,
+    require_nvcc,
+    sticky_error,
+    version_problems,
+)
 
 FILL_DTYPES = ("float32", "float64", "int32", "int64", "uint8")
 ARITHMETIC_DTYPES = ("float32", "float64", "int32", "int64")
-
-# Pieces of cuGetErrorString() texts (PyCUDA puts them in its messages) of the
-# errors that poison a context: once one happened, every later call fails too.
-# PyCUDA raises most of them as LogicError, and also raises LaunchError for errors
-# that are not sticky (CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: "too many resources
-# requested for launch"), so the text decides, never the class.
-_STICKY_ERRORS = (
-    "illegal memory access",
-    "illegal address",
-    "unspecified launch failure",
-    "launch failed",
-    "launch timed out",
-    "timed out and was terminated",
-    "device-side assert",
-    "illegal instruction",
-    "misaligned address",
-    "not supported on global/shared address space",
-    "invalid program counter",
-    "hardware stack error",
-    "uncorrectable ecc",
-    "ecc uncorrectable",
-)
-
-_NOT_STICKY_ERRORS = (
-    "too many resources requested",
-    "out of resources",
-    "incompatible texturing",
-)
 
 _TILE = 16
 _MAX_GRID_Y = 65535
@@ -132,91 +98,12 @@ def _driver() -> Any:
     return pycuda.driver
 
 
-def normalize_pci_bus_id(bus_id: str) -> str:
-    """``domain:bus:device.function`` in one spelling, whoever wrote it.
-
-    CUDA writes ``0000:3B:00.0`` and nvidia-smi ``00000000:3B:00.0``; both become
-    ``0000:3b:00.0``.
-    """
-    text = bus_id.strip()
-    try:
-        domain, bus, rest = text.split(":")
-        device, function = rest.split(".")
-        return (f"{int(domain, 16):04x}:{int(bus, 16):02x}:{int(device, 16):02x}."
-                f"{int(function, 16):x}")
-    except ValueError:
-        return text.lower()
-
-
-def sticky_error(text: str) -> bool:
-    """True when a driver error's text is one of those that leave the context unusable."""
-    text = text.lower()
-    if any(marker in text for marker in _NOT_STICKY_ERRORS):
-        return False
-    return any(marker in text for marker in _STICKY_ERRORS)
-
-
 def is_sticky(exc: BaseException) -> bool:
     """True when ``exc`` is a PyCUDA error that leaves the context unusable."""
     cuda = _driver()
     if not isinstance(exc, cuda.Error) or isinstance(exc, (cuda.MemoryError, cuda.CompileError)):
         return False
     return sticky_error(str(exc))
-
-
-Version = tuple[int, int]
-
-
-def nvcc_version(nvcc: str) -> Version | None:
-    """The CUDA release of the toolkit's ``nvcc`` ("release 13.0, V13.0.48"), if it says."""
-    try:
-        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=30,
-                             check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    match = re.search(r"release (\d+)\.(\d+)", out)
-    return (int(match.group(1)), int(match.group(2))) if match else None
-
-
-def _cuda_version(number: int) -> Version:
-    """CUDA's encoding of a version (12040) as (12, 4)."""
-    return number // 1000, (number % 1000) // 10
-
-
-def version_problems(driver: Version, pycuda_built: Version | None,
-                     toolkit: Version | None) -> list[str]:
-    """What cannot work with a driver that supports CUDA ``driver``: PyCUDA built against a
-    newer CUDA (from CUDA 13 it calls cuCtxCreate_v4, which only R580+ drivers have), or an
-    nvcc newer than the driver (its kernels would not load)."""
-    def text(v: Version) -> str:
-        return f"{v[0]}.{v[1]}"
-
-    problems = []
-    if pycuda_built is not None and pycuda_built > driver:
-        problems.append(
-            f"PyCUDA was built against CUDA {text(pycuda_built)} but the NVIDIA driver supports "
-            f"CUDA up to {text(driver)}: install a driver for CUDA {text(pycuda_built)} or newer "
-            f"(CUDA 13 needs R580+), or rebuild PyCUDA against a toolkit <= {text(driver)} "
-            "(ops/gpu-check builds it with the host's nvcc)")
-    if toolkit is not None and toolkit > driver:
-        problems.append(
-            f"nvcc is from CUDA {text(toolkit)} but the NVIDIA driver supports CUDA up to "
-            f"{text(driver)}, so the kernels it compiles would not load: put a toolkit <= "
-            f"{text(driver)} first on PATH, or update the driver")
-    return problems
-
-
-def require_nvcc() -> str:
-    """``nvcc``'s path, or a :class:`ConfigError` that says how to provide it: PyCUDA compiles
-    every kernel at run time by running ``nvcc`` from PATH."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        raise ConfigError(
-            "nvcc is not on PATH: PyCUDA compiles this worker's kernels at run time with the "
-            "CUDA toolkit's nvcc. Put the toolkit's bin directory on the worker's PATH (the "
-            "systemd unit sets PATH=...:/usr/local/cuda/bin; override it in "
-            "/etc/gpu-tasks/env for a toolkit elsewhere)")
-    return nvcc
 
 
 class CudaBackend:
@@ -241,7 +128,10 @@ class CudaBackend:
 
     collects_garbage = True
     """The runtime turns Python's automatic cycle collector off in this process and runs
-    it on the task thread instead (see the module docstring)."""
+    it on the task thread instead: a pooled allocation freed from another thread (the
+    heartbeat's) throws inside a destructor where the context is not current, which
+    aborts the process. Temporaries are freed explicitly for the same reason, and the
+    tracebacks of driver errors cleared (:func:`_forget_frames`)."""
 
     def open(self) -> None:
         """Check the toolkit, make a context on device 0, check it is GPU ``gpu_index`` and
@@ -255,7 +145,7 @@ class CudaBackend:
         try:
             cuda.init()
             built = cuda.get_version()
-            problems = version_problems(_cuda_version(cuda.get_driver_version()),
+            problems = version_problems(cuda_version(cuda.get_driver_version()),
                                         (int(built[0]), int(built[1])), nvcc_version(nvcc))
             if problems:
                 raise ConfigError("; ".join(problems))
@@ -273,7 +163,7 @@ class CudaBackend:
             if ctx_bus_id != bus_id:
                 raise ConfigError(f"the new CUDA context is on the device at PCI {ctx_bus_id}, "
                                   f"not on device 0 at PCI {bus_id}")
-            uuid = self._check_physical_gpu(bus_id)
+            uuid = physical_gpu_uuid(self.gpu_index, bus_id)
             pool = DeviceMemoryPool()
         except BaseException:
             with suppress(Exception):
@@ -287,35 +177,6 @@ class CudaBackend:
         self._kernels = {}
         self.info = DeviceInfo(backend="pycuda", name=str(dev.name()),
                                uuid=uuid or f"CUDA-{bus_id}", total_bytes=int(dev.total_memory()))
-
-    def _check_physical_gpu(self, bus_id: str) -> str | None:
-        """The GPU's UUID from nvidia-smi, after checking index ``gpu_index`` is at ``bus_id``.
-
-        None when nvidia-smi is absent or fails (nothing to check against).
-        """
-        exe = shutil.which("nvidia-smi")
-        if exe is None:
-            return None
-        try:
-            out = subprocess.run([exe, "--query-gpu=index,pci.bus_id,uuid",
-                                  "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=30, check=True).stdout
-        except (OSError, subprocess.SubprocessError):
-            return None
-        rows = [[part.strip() for part in line.split(",")] for line in out.splitlines()
-                if line.strip()]
-        for row in rows:
-            if len(row) >= 3 and row[0] == str(self.gpu_index):
-                smi_bus_id = normalize_pci_bus_id(row[1])
-                if smi_bus_id != bus_id:
-                    raise ConfigError(
-                        f"pinning is wrong: this worker serves GPU {self.gpu_index} (PCI "
-                        f"{smi_bus_id} per nvidia-smi) but its CUDA device 0 is at PCI {bus_id}; "
-                        "start it with CUDA_VISIBLE_DEVICES set to that index and "
-                        "CUDA_DEVICE_ORDER=PCI_BUS_ID")
-                return row[2]
-        raise ConfigError(f"nvidia-smi lists no GPU with index {self.gpu_index} "
-                          f"(it lists {', '.join(r[0] for r in rows) or 'none'})")
 
     def close(self) -> None:
         """Free every allocation and the pool, pop and detach the context.
@@ -514,7 +375,7 @@ class CudaBackend:
             raise BadRequest(f"a has {m} rows; this sgemm takes at most "
                              f"{_MAX_GRID_Y * _TILE}", "a")
         with self._device("sgemm"):
-            func = self._sgemm_function()
+            func = self._source_function("sgemm", _SGEMM_SOURCE, "PPPiiiff")
             func.prepared_call(grid, (_TILE, _TILE, 1), int(a.allocation), int(b.allocation),
                                int(c.allocation), np.int32(m), np.int32(n), np.int32(k),
                                np.float32(alpha), np.float32(beta))
@@ -523,7 +384,7 @@ class CudaBackend:
     def fault(self) -> None:
         """Store through an illegal address, as a buggy kernel would; raises DevicePoisoned."""
         with self._device("compiling the fault kernel"):
-            func = self._fault_function()
+            func = self._source_function("fault", _FAULT_SOURCE, "i")
         cuda = _driver()
         try:
             func.prepared_call((1, 1), (1, 1, 1), np.int32(1))
@@ -585,25 +446,17 @@ class CudaBackend:
                                     arguments=f"const {dtype_to_ctype(dtype)} *in",
                                     name=f"gt_sum_{dtype.name}"))
 
-    def _sgemm_function(self) -> Any:
+    def _source_function(self, name: str, source: str, arguments: str) -> Any:
+        """Kernel ``gt_<name>`` of CUDA ``source``, prepared for ``arguments`` (PyCUDA's
+        struct letters)."""
         def build() -> Any:
             from pycuda.compiler import SourceModule
 
-            func = SourceModule(_SGEMM_SOURCE).get_function("gt_sgemm")
-            func.prepare("PPPiiiff")
+            func = SourceModule(source).get_function(f"gt_{name}")
+            func.prepare(arguments)
             return func
 
-        return self._cached(("sgemm",), build)
-
-    def _fault_function(self) -> Any:
-        def build() -> Any:
-            from pycuda.compiler import SourceModule
-
-            func = SourceModule(_FAULT_SOURCE).get_function("gt_fault")
-            func.prepare("i")
-            return func
-
-        return self._cached(("fault",), build)
+        return self._cached((name,), build)
 
 
 def _forget_frames(exc: BaseException) -> None:

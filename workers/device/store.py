@@ -16,6 +16,7 @@ With a :class:`~workers.child.ledger_writer.BufferLedger` that memory outlives t
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -217,14 +218,7 @@ class BufferStore:
             return
         self.make_room(sum(b.nbytes for b in spilled), keep=entity_id)
         for buf in spilled:
-            host = buf.host
-            assert host is not None
-            buf.allocation = self.backend.alloc(buf.nbytes)
-            self.backend.upload(buf, host.reshape(-1), 0)
-            with self._lock:
-                buf.host = None
-                self._used_bytes += buf.nbytes
-                self._spilled_bytes -= buf.nbytes
+            self._unspill(buf)
         self.counts["restores"] += 1
         self.touch(entity_id)
 
@@ -261,23 +255,16 @@ class BufferStore:
         size = sum(b.nbytes for b in on_device)
         if self._spilled_bytes + size > self.spill_capacity_bytes:
             index = self.shard_of(entity_id)
-            evicted = {(index, entity_id, b.name): Loss(
-                self.generation, f"evicted {why}: the host spill space "
-                f"({self.spill_capacity_bytes} bytes) was full", time.time(),
-                self.ledger.gpu if self.ledger is not None else "")
-                for b in self._entity(entity_id).values()}
+            loss = self._loss(f"evicted {why}: the host spill space "
+                              f"({self.spill_capacity_bytes} bytes) was full")
+            evicted = {(index, entity_id, b.name): loss for b in self._entity(entity_id).values()}
             for buf in list(self._entity(entity_id).values()):
                 self._forget(index, buf)
             self._record_losses(evicted)
             self.counts["evictions"] += 1
             return True
         for buf in on_device:
-            host = self.backend.download(buf)
-            self.backend.release(buf.allocation)
-            with self._lock:
-                buf.host, buf.allocation = host, None
-                self._used_bytes -= buf.nbytes
-                self._spilled_bytes += buf.nbytes
+            self._spill(buf)
         self.counts["spills"] += 1
         return True
 
@@ -333,7 +320,10 @@ class BufferStore:
             try:
                 allocation = self.backend.alloc(nbytes)
             except OutOfMemory:
-                self._unspill(existing)
+                # Back on the device if it still fits there; else it stays spilled, intact,
+                # and comes back on its entity's next use.
+                with contextlib.suppress(OutOfMemory):
+                    self._unspill(existing)
                 raise
         if existing is not None:
             self._forget(index, existing)  # not free(): its get() would restore a spilled one
@@ -361,15 +351,11 @@ class BufferStore:
             self._spilled_bytes += buf.nbytes
 
     def _unspill(self, buf: Buffer) -> None:
-        """Put a buffer :meth:`_spill` moved back on the device; if even that no longer fits,
-        it stays spilled, intact, and comes back on its entity's next use."""
+        """Put a buffer :meth:`_spill` moved to host memory back on the device (raises
+        ``OutOfMemory``, leaving it spilled, if it does not fit)."""
         host = buf.host
         assert host is not None
-        try:
-            allocation = self.backend.alloc(buf.nbytes)
-        except OutOfMemory:
-            return
-        buf.allocation = allocation
+        buf.allocation = self.backend.alloc(buf.nbytes)
         self.backend.upload(buf, host.reshape(-1), 0)
         with self._lock:
             buf.host = None
@@ -414,6 +400,11 @@ class BufferStore:
                 self._spilled_bytes -= buf.nbytes
                 buf.host = None
 
+    def _loss(self, why: str) -> Loss:
+        """A loss of this store's buffers now, ``why``."""
+        return Loss(self.generation, why, time.time(),
+                    self.ledger.gpu if self.ledger is not None else "")
+
     def _record_losses(self, losses: dict[tuple[int, str, str], Loss]) -> None:
         with self._lock:
             self._lost.update({(e, n): loss for (_, e, n), loss in losses.items()})
@@ -441,9 +432,7 @@ class BufferStore:
                 if moved:
                     handed_off.setdefault(buf.entity_id, []).append(buf.name)
                 else:
-                    losses[(index, buf.entity_id, buf.name)] = Loss(
-                        self.generation, why, time.time(),
-                        self.ledger.gpu if self.ledger is not None else "")
+                    losses[(index, buf.entity_id, buf.name)] = self._loss(why)
         self._record_losses(losses)
         if self.ledger is not None:
             for entity_id, names in handed_off.items():
