@@ -7,7 +7,7 @@ pool child (the per-request path, the runtime, the task bodies), and
 :mod:`workers.device` below it (backends found by name, the buffer store, kernels).
 No module imports one that imports it back: boot imports the other three; the child
 imports the device layer and the consumer's ownership table; the device layer imports
-nothing above it but the buffer ledger's writer (:mod:`workers.child.ledger_writer`).
+nothing above it but the buffer ledger's writer (:mod:`workers.device.ledger_writer`).
 
 Never lost, never run twice
 ---------------------------

@@ -15,9 +15,9 @@ import pytest
 import redis
 
 from gpu_tasks.errors import BadRequest, EntityStateLost, NoSuchBuffer, OutOfMemory, StaleHandle
-from workers.child.ledger_writer import BufferLedger
 from workers.device.base import Backend, DevicePoisoned
 from workers.device.kernels import launch
+from workers.device.ledger_writer import BufferLedger
 from workers.device.registry import create_backend
 from workers.device.store import BufferStore
 

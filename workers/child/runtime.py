@@ -11,7 +11,7 @@ A request that poisons the device context is answered with
 (:meth:`DeviceRuntime.after_task`): CUDA says such a process must be terminated
 and relaunched, and the worker's parent, which never touched CUDA, forks a fresh
 child that opens a fresh context at the next generation. The buffer ledger
-(:mod:`workers.child.ledger_writer`) tells that child what was lost, and why.
+(:mod:`workers.device.ledger_writer`) tells that child what was lost, and why.
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ from gpu_tasks.errors import BadRequest, ContextPoisoned, DeviceError
 from gpu_tasks.protocol.routing import gpu_queue, shard_index, shard_name, worker_name
 from gpu_tasks.settings import Settings
 from workers.child.completed import Completed
-from workers.child.ledger_writer import BufferLedger
 from workers.child.taskcounts import TaskCounts
 from workers.consumer import ownership
 from workers.device import kernels, values
 from workers.device.base import Backend, Buffer, DeviceInfo, DevicePoisoned
+from workers.device.ledger_writer import BufferLedger
 from workers.device.registry import create_backend
 from workers.device.store import BufferStore
 

@@ -11,7 +11,7 @@ Buffers are lost when the pool child holding them ends (a crash, a poisoned cont
 when their shard stops being served here, and when they are evicted; the store remembers
 which names were lost, when and why, so a later request for one fails with
 :class:`~gpu_tasks.errors.EntityStateLost` instead of a puzzling :class:`NoSuchBuffer`.
-With a :class:`~workers.child.ledger_writer.BufferLedger` that memory outlives the process.
+With a :class:`~workers.device.ledger_writer.BufferLedger` that memory outlives the process.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import numpy as np
 
 from gpu_tasks.control.bufferledger import Loss
 from gpu_tasks.errors import BadRequest, EntityStateLost, NoSuchBuffer, OutOfMemory, StaleHandle
-from workers.child.ledger_writer import BufferLedger
 from workers.device.base import DTYPES, Backend, Buffer
+from workers.device.ledger_writer import BufferLedger
 
 MAX_DIMS = 8
 
