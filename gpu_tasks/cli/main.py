@@ -78,52 +78,28 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except GpuTasksError as exc:
             raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
-        except redis.AuthenticationError as exc:
-            raise click.ClickException(
-                f"Redis at {_redis_shown()} refused the login (the user or password in "
-                f"GPU_TASKS_REDIS_URL): {type(exc).__name__}: {exc}") from None
-        except redis.exceptions.NoPermissionError as exc:
-            raise click.ClickException(
-                f"Redis at {_redis_shown()} refused a command to this user (its ACL; "
-                f"ops/redis-users.acl has what gpu-tasks needs): {exc}") from None
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise click.ClickException(
-                f"cannot reach Redis at {_redis_shown()} (within GPU_TASKS_REDIS_TIMEOUT_S): "
-                f"{type(exc).__name__}: {exc}") from None
+        except (redis.ConnectionError, redis.TimeoutError,
+                redis.exceptions.NoPermissionError) as exc:
+            raise click.ClickException(_redis_error_line(exc)) from None
 
     return wrapper  # type: ignore[return-value]
 
 
-def _redis_shown() -> str:
+def _redis_error_line(exc: BaseException) -> str:
+    """The line a command's Redis error ends it with (the address without the password)."""
     from gpu_tasks import settings as settings_module
+    from gpu_tasks.connection.failures import describe
 
-    return settings_module.current().redis_url_shown
-
-
-def _check_login(settings: Settings) -> None:
-    """Fail now, in one line, where Redis refuses the login or cannot prove who it is (TLS):
-    Flower and the exporter would otherwise start and fail every page or scrape until
-    someone fixes the configuration. Redis merely down is no reason: they say so, and
-    recover when it is back."""
-    import ssl
-
-    import redis
-
-    client = settings.redis_client()
-    try:
-        client.ping()
-    except redis.AuthenticationError:
-        raise
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        seen: list[BaseException] = []
-        link: BaseException | None = exc
-        while link is not None and link not in seen:  # redis-py's retries make cycles
-            if isinstance(link, ssl.SSLError) or "CERTIFICATE_VERIFY_FAILED" in str(link):
-                raise
-            seen.append(link)
-            link = link.__cause__ or link.__context__
-    finally:
-        client.close()
+    settings = settings_module.current()
+    shown = settings.redis_url_shown
+    failure = describe(exc)
+    if failure.kind == "login":
+        return (f"{failure.what(shown, settings.redis_timeout_s)}: "
+                f"{type(failure.cause).__name__}: {failure.cause}")
+    if failure.kind == "permission":
+        return f"{failure.what(shown, settings.redis_timeout_s)}: {failure.cause}"
+    return (f"cannot reach Redis at {shown} (within GPU_TASKS_REDIS_TIMEOUT_S): "
+            f"{type(exc).__name__}: {exc}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -938,10 +914,11 @@ def exporter(ctx: click.Context, port: int, address: str) -> None:
     if importlib.util.find_spec("prometheus_client") is None:
         raise ConfigError("`gpu-tasks exporter` needs prometheus-client, in the ops extra: "
                           "pip install 'gpu-tasks[ops]'")
+    from gpu_tasks.connection.failures import check_login
     from gpu_tasks.monitor.metrics import serve
 
     settings = _settings(ctx)
-    _check_login(settings)
+    check_login(settings.redis_client())
     stop = threading.Event()
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
@@ -1055,12 +1032,13 @@ def flower(ctx: click.Context, port: int, address: str, basic_auth: str | None,
     import os
     from pathlib import Path
 
+    from gpu_tasks.connection.failures import check_login
     from gpu_tasks.monitor.flower import flower_argv, flower_env, resolve_auth
 
     settings = _settings(ctx)
     settings.require_redis_url()
     auth = resolve_auth(settings, basic_auth, no_auth, address)
-    _check_login(settings)
+    check_login(settings.redis_client())
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     argv = flower_argv(settings, port=port, address=address)
     host = f"[{address}]" if ":" in address else (address or "0.0.0.0")
