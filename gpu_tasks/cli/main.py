@@ -7,14 +7,11 @@ scripts. Errors print one line naming what was wrong and exit 1.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import wraps
-from types import FrameType
 from typing import Any, TypeVar
 
 import click
@@ -384,10 +381,10 @@ def coordinator(ctx: click.Context, failover_after_s: float | None, auto_rebalan
     """Keep the fleet whole: fail over dead GPUs, finish abandoned handoffs, rebalance onto
     GPUs that join. One acts at a time; others stand by."""
     import logging
-    import threading
 
     from gpu_tasks.control import handoff
     from gpu_tasks.control.coordinator import Coordinator
+    from gpu_tasks.local.signals import stop_on_signals
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     settings = _settings(ctx).replace(failover_after_s=failover_after_s)
@@ -400,14 +397,8 @@ def coordinator(ctx: click.Context, failover_after_s: float | None, auto_rebalan
         _emit_json(boss.tick().as_dict())
         boss.release()
         return
-    stop = threading.Event()
-
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)
-    boss.run(stop)
+    with stop_on_signals() as stop:
+        boss.run(stop)
 
 
 @main.command()
@@ -909,26 +900,20 @@ def exporter(ctx: click.Context, port: int, address: str) -> None:
     shard map's epoch, handoffs, shards with no owner or no consumer. Each scrape takes one
     status snapshot. Runs until SIGTERM or Ctrl-C."""
     import importlib.util
-    import threading
 
     if importlib.util.find_spec("prometheus_client") is None:
         raise ConfigError("`gpu-tasks exporter` needs prometheus-client, in the ops extra: "
                           "pip install 'gpu-tasks[ops]'")
     from gpu_tasks.connection.failures import check_login
+    from gpu_tasks.local.signals import stop_on_signals
     from gpu_tasks.monitor.metrics import serve
 
     settings = _settings(ctx)
     check_login(settings.redis_client())
-    stop = threading.Event()
-
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)
     try:
-        serve(settings.redis_client(), address, port, stop, on_ready=lambda: click.echo(
-            f"serving metrics at http://{address}:{port}/metrics", err=True))
+        with stop_on_signals() as stop:
+            serve(settings.redis_client(), address, port, stop, on_ready=lambda: click.echo(
+                f"serving metrics at http://{address}:{port}/metrics", err=True))
     except OSError as exc:  # the port is taken, or the address is not this host's
         raise click.ClickException(f"cannot listen on {address}:{port}: {exc}") from None
 
@@ -1050,18 +1035,6 @@ def flower(ctx: click.Context, port: int, address: str, basic_auth: str | None,
 # -- up ---------------------------------------------------------------------------------
 
 
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 @main.command()
 @click.option(
     "--gpus", type=click.IntRange(min=1), help="GPU workers (default: every GPU, or 4 sim GPUs)."
@@ -1096,6 +1069,7 @@ def up(
     _require_worker_extra("up")
     from gpu_tasks.local.cluster import LocalCluster, gpu_tasks_command
     from gpu_tasks.local.gpus import count_gpus, resolve_backend
+    from gpu_tasks.local.signals import stop_on_signals
 
     settings = _settings(ctx).replace(backend=backend)
     kind = resolve_backend(settings.backend)
@@ -1108,7 +1082,7 @@ def up(
         flower=flower,
         flower_port=flower_port,
     )
-    with _sigterm_as_interrupt():
+    with stop_on_signals(interrupt=True) as stopping:
         try:
             console.print(
                 f"starting {gpus} {kind} GPU worker(s)"
@@ -1141,6 +1115,7 @@ def up(
         except KeyboardInterrupt:
             console.print("stopping ...")
         finally:
+            stopping.set()  # a signal from now on must not cut the stopping short
             cluster.stop()
             console.print("stopped")
 
