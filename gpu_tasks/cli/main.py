@@ -17,9 +17,12 @@ from typing import Any, TypeVar
 import click
 from rich import box
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import Progress, TaskID
 from rich.table import Table
 
+from gpu_tasks.control.actions import Listener, Rebalanced
+from gpu_tasks.control.failover import Failover
+from gpu_tasks.control.handoff import Outcome
 from gpu_tasks.control.shardmap import MAX_SHARDS
 from gpu_tasks.errors import ConfigError, GpuTasksError
 from gpu_tasks.settings import BACKENDS, Settings, parse_size
@@ -242,18 +245,41 @@ def _shard_index(text: str) -> int:
     return index
 
 
-def _run_handoffs(ctx: click.Context, handoffs: list[Any], parallel: int, as_json: bool,
-                  extra: dict[str, Any] | None = None) -> None:
-    """Drive handoffs with a progress bar on a terminal, print their outcomes, exit 1 if any
-    did not move its shard."""
-    from gpu_tasks.control import handoff
+class _HandoffProgress(Listener):
+    """A rich progress bar of handoffs on a terminal; nothing when piped or with --json."""
 
-    quiet = as_json or not console.is_terminal
-    with Progress(console=console, disable=quiet, transient=True) as progress:
-        bar = progress.add_task("handing off", total=len(handoffs))
-        outcomes = handoff.run(handoffs, parallel,
-                               on_done=lambda _outcome: progress.advance(bar))
-    ok = all(o.status in ("moved", "nothing to do") for o in outcomes)
+    def __init__(self, show: bool) -> None:
+        self.bar: Progress | None = Progress(console=console, transient=True) if show else None
+        self.task: TaskID | None = None
+
+    def handing_off(self, count: int) -> None:
+        if self.bar is None:
+            return
+        if self.task is None:
+            self.bar.start()
+            self.task = self.bar.add_task("handing off", total=count)
+        else:
+            total = self.bar.tasks[0].total or 0
+            self.bar.update(self.task, total=total + count)
+
+    def handed_off(self, outcome: Outcome) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.advance(self.task)
+
+    def __enter__(self) -> _HandoffProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.stop()
+
+
+def _show_handoffs(outcomes: list[Outcome], as_json: bool,
+                   extra: dict[str, Any] | None = None) -> None:
+    """Print handoffs' outcomes; exit 1 if any did not leave its shard where asked."""
+    from gpu_tasks.control.actions import succeeded
+
+    ok = succeeded(outcomes)
     if as_json:
         _emit_json({**(extra or {}), "ok": ok, "handoffs": [o.as_dict() for o in outcomes]})
     elif outcomes:
@@ -270,12 +296,41 @@ def _run_handoffs(ctx: click.Context, handoffs: list[Any], parallel: int, as_jso
         sys.exit(1)
 
 
-def _handoff_for(ctx: click.Context, index: int, target: str | None) -> Any:
-    from gpu_tasks.control import handoff
+def _show_rebalance(done: Rebalanced, dry_run: bool, as_json: bool) -> None:
+    """A rebalance that handed shards off: its handoffs; else its plan (and, for a dry
+    run, the handoffs it would finish first)."""
+    assert done.plan is not None
+    plan = done.plan
+    if done.outcomes:
+        _show_handoffs(done.outcomes, as_json, {
+            "plan": plan.as_dict(), "resumed": [f"shard-{i}" for i in done.unfinished]})
+        return
+    if as_json:
+        _emit_json({"dry_run": dry_run, "unfinished": [f"shard-{i}" for i in done.unfinished],
+                    **plan.as_dict()})
+        return
+    table = Table("shard", "from", "to", "entities", "MiB",
+                  title=f"{len(plan.moves)} moves" + (" (dry run)" if dry_run else ""))
+    for m in plan.moves:
+        table.add_row(f"shard-{m.shard}", m.source, m.target, str(m.entities),
+                      f"{m.bytes / (1 << 20):.1f}")
+    _print(table)
+    counts = ", ".join(f"{g} {plan.before.get(g, 0)}->{n}" for g, n in plan.after.items())
+    console.print(f"shards per GPU: {counts}", soft_wrap=True)
+    for line in plan.left_out:
+        console.print(f"left out: {line}", soft_wrap=True)
 
+
+def _app_source(ctx: click.Context) -> Callable[[], Any]:
+    """The Celery app, configured only once a handoff needs it."""
     settings = _settings(ctx)
-    return handoff.Handoff(index, target, settings.redis_client(), _app(settings),
-                           pause=handoff.parse_pause(settings.handoff_pause))
+    return lambda: _app(settings)
+
+
+def _pause(ctx: click.Context) -> tuple[str, float] | None:
+    from gpu_tasks.control.handoff import parse_pause
+
+    return parse_pause(_settings(ctx).handoff_pause)
 
 
 @shards.command("move")
@@ -287,38 +342,13 @@ def _handoff_for(ctx: click.Context, index: int, target: str | None) -> Any:
 def shards_move(ctx: click.Context, shard: str, gpu: str, as_json: bool) -> None:
     """Hand SHARD (shard-<n>) off to GPU live, with its queued work and its state; on a
     shard already being handed off, finish or roll back that handoff."""
-    _run_handoffs(ctx, [_handoff_for(ctx, _shard_index(shard), gpu)], 1, as_json)
+    from gpu_tasks.control import actions
 
-
-def _rebalance(ctx: click.Context, dry_run: bool, max_moves: int | None, by: str,
-               parallel: int, as_json: bool, drain: str | None = None) -> None:
-    from gpu_tasks.control.rebalance import plan_from_redis
-    from gpu_tasks.control.shardmap import ShardMapStore
-
-    settings = _settings(ctx)
-    client = settings.redis_client()
-    unfinished = sorted(ShardMapStore(client).load().moving())
-    plan = plan_from_redis(client, by=by, max_moves=max_moves, drain=drain)
-    if dry_run or not (plan.moves or unfinished):
-        if as_json:
-            _emit_json({"dry_run": dry_run, "unfinished": [f"shard-{i}" for i in unfinished],
-                        **plan.as_dict()})
-            return
-        table = Table("shard", "from", "to", "entities", "MiB",
-                      title=f"{len(plan.moves)} moves" + (" (dry run)" if dry_run else ""))
-        for m in plan.moves:
-            table.add_row(f"shard-{m.shard}", m.source, m.target, str(m.entities),
-                          f"{m.bytes / (1 << 20):.1f}")
-        _print(table)
-        counts = ", ".join(f"{g} {plan.before.get(g, 0)}->{n}" for g, n in plan.after.items())
-        console.print(f"shards per GPU: {counts}", soft_wrap=True)
-        for line in plan.left_out:
-            console.print(f"left out: {line}", soft_wrap=True)
-        return
-    handoffs = [_handoff_for(ctx, i, None) for i in unfinished]
-    handoffs += [_handoff_for(ctx, m.shard, m.target) for m in plan.moves]
-    _run_handoffs(ctx, handoffs, parallel, as_json,
-                  {"plan": plan.as_dict(), "resumed": [f"shard-{i}" for i in unfinished]})
+    index = _shard_index(shard)
+    with _HandoffProgress(show=console.is_terminal and not as_json) as progress:
+        outcomes = actions.move(_settings(ctx).redis_client(), _app_source(ctx), index, gpu,
+                                pause=_pause(ctx), listener=progress)
+    _show_handoffs(outcomes, as_json)
 
 
 _BY = click.Choice(["count", "memory"])
@@ -338,7 +368,13 @@ def shards_rebalance(ctx: click.Context, dry_run: bool, max_moves: int | None, b
                      parallel: int, as_json: bool) -> None:
     """Give every live, undrained GPU its share of shards, moving the fewest, as live
     handoffs (unfinished ones are finished first)."""
-    _rebalance(ctx, dry_run, max_moves, by, parallel, as_json)
+    from gpu_tasks.control import actions
+
+    with _HandoffProgress(show=console.is_terminal and not as_json) as progress:
+        done = actions.rebalance(_settings(ctx).redis_client(), _app_source(ctx), by=by,
+                                 max_moves=max_moves, dry_run=dry_run, parallel=parallel,
+                                 pause=_pause(ctx), listener=progress)
+    _show_rebalance(done, dry_run, as_json)
 
 
 @shards.command("failover")
@@ -349,18 +385,23 @@ def shards_rebalance(ctx: click.Context, dry_run: bool, max_moves: int | None, b
 def shards_failover(ctx: click.Context, gpu: str, as_json: bool) -> None:
     """Give a dead GPU's shards to live GPUs now: the requests it had taken go first, and
     the state it held is reported lost (EntityStateLost). Refused while GPU has a worker."""
-    from gpu_tasks.control.failover import fail_over
+    from gpu_tasks.control import actions
 
-    settings = _settings(ctx)
-    report = fail_over(settings.redis_client(), gpu)
-    if as_json:
-        _emit_json(report.as_dict())
-    else:
-        console.print(f"{gpu}: {len(report.moved)} shards to live GPUs, {report.requeued} "
-                      f"requests put back first, {report.lost_buffers} buffers lost",
-                      soft_wrap=True)
-    if report.resumed:
-        _run_handoffs(ctx, [_handoff_for(ctx, i, None) for i in report.resumed], 4, as_json)
+    class Shown(_HandoffProgress):
+        def failed_over(self, report: Failover) -> None:
+            if as_json:
+                _emit_json(report.as_dict())
+            else:
+                console.print(f"{gpu}: {len(report.moved)} shards to live GPUs, "
+                              f"{report.requeued} requests put back first, "
+                              f"{report.lost_buffers} buffers lost", soft_wrap=True)
+
+    with Shown(show=console.is_terminal and not as_json) as progress:
+        done = actions.fail_over_and_resume(_settings(ctx).redis_client(), _app_source(ctx),
+                                            gpu, parallel=4, pause=_pause(ctx),
+                                            listener=progress)
+    if done.report.resumed:
+        _show_handoffs(done.outcomes, as_json)
 
 
 @main.command()
@@ -413,12 +454,13 @@ def drain(ctx: click.Context, gpu: str, dry_run: bool, by: str, parallel: int,
           as_json: bool) -> None:
     """Move every shard off GPU (live handoffs), e.g. before maintenance; it takes no new
     shards until `gpu-tasks undrain GPU`."""
-    from gpu_tasks.control.shardmap import ShardMapStore, check_gpu
+    from gpu_tasks.control import actions
 
-    check_gpu(gpu)
-    if not dry_run:
-        ShardMapStore(_settings(ctx).redis_client()).set_drained(gpu, True)
-    _rebalance(ctx, dry_run, None, by, parallel, as_json, drain=gpu)
+    with _HandoffProgress(show=console.is_terminal and not as_json) as progress:
+        done = actions.drain(_settings(ctx).redis_client(), _app_source(ctx), gpu, by=by,
+                             dry_run=dry_run, parallel=parallel, pause=_pause(ctx),
+                             listener=progress)
+    _show_rebalance(done, dry_run, as_json)
 
 
 @main.command()
