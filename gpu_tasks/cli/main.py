@@ -7,12 +7,11 @@ scripts. Errors print one line naming what was wrong and exit 1.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from functools import wraps
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich import box
@@ -26,6 +25,9 @@ from gpu_tasks.control.handoff import Outcome
 from gpu_tasks.control.shardmap import MAX_SHARDS
 from gpu_tasks.errors import ConfigError, GpuTasksError
 from gpu_tasks.settings import BACKENDS, Settings, parse_size
+
+if TYPE_CHECKING:
+    from gpu_tasks.local.cluster import LocalCluster
 
 F = TypeVar("F", bound=Callable[..., Any])
 console = Console()
@@ -1109,57 +1111,41 @@ def up(
     Flower asks for a login: $GPU_TASKS_FLOWER_BASIC_AUTH, or else a password made for
     this run, in <data dir>/flower-credentials (mode 0600)."""
     _require_worker_extra("up")
-    from gpu_tasks.local.cluster import LocalCluster, gpu_tasks_command
-    from gpu_tasks.local.gpus import count_gpus, resolve_backend
-    from gpu_tasks.local.signals import stop_on_signals
+    from gpu_tasks.local.supervisor import Supervisor, run_demo, this_host
 
-    settings = _settings(ctx).replace(backend=backend)
-    kind = resolve_backend(settings.backend)
-    if gpus is None:
-        gpus = count_gpus() if kind == "pycuda" else 4
-    cluster = LocalCluster(
-        settings.replace(backend=kind),
-        gpus=gpus,
-        backend=kind,
-        flower=flower,
-        flower_port=flower_port,
-    )
-    with stop_on_signals(interrupt=True) as stopping:
-        try:
-            console.print(
-                f"starting {gpus} {kind} GPU worker(s)"
-                + ("" if settings.redis_url else " and an embedded Redis")
-                + " ..."
-            )
-            cluster.start()
-            s = cluster.settings
-            console.print(f"Redis:   {s.redis_url_shown}")
-            console.print(f"Workers: {', '.join(cluster.queues)} (logs in {cluster.log_dir})")
-            if cluster.flower_url and cluster.flower_auth:
-                # Where the credentials are, never the password itself (terminals and CI
-                # logs are read by others).
-                console.print(f"Flower:  {cluster.flower_url} (user "
-                              f"{cluster.flower_auth.user}; password in "
-                              f"{cluster.flower_auth.shown})", soft_wrap=True, markup=False)
-            demo_rc = subprocess.call(
-                gpu_tasks_command("demo", "--entities", str(entity_count)), env=s.child_env()
-            )
-            if once:
-                sys.exit(demo_rc)
-            console.print("up: Ctrl-C or SIGTERM stops everything")
-            while True:
-                for proc in cluster.workers:
-                    if not proc.alive():
-                        raise GpuTasksError(
-                            f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}"
-                        )
-                time.sleep(1)
-        except KeyboardInterrupt:
-            console.print("stopping ...")
-        finally:
-            stopping.set()  # a signal from now on must not cut the stopping short
-            cluster.stop()
-            console.print("stopped")
+    cluster = this_host(_settings(ctx).replace(backend=backend), gpus=gpus, flower=flower,
+                        flower_port=flower_port)
+    code = Supervisor(cluster, _UpShown()).run(lambda c: run_demo(c, entity_count),
+                                               stay_up=not once)
+    sys.exit(code)
+
+
+class _UpShown:
+    """What `up` prints as its supervisor goes (a gpu_tasks.local.supervisor.Listener)."""
+
+    def starting(self, cluster: LocalCluster) -> None:
+        console.print(f"starting {cluster.gpus} {cluster.backend} GPU worker(s)"
+                      + ("" if cluster.settings.redis_url else " and an embedded Redis")
+                      + " ...")
+
+    def started(self, cluster: LocalCluster) -> None:
+        console.print(f"Redis:   {cluster.settings.redis_url_shown}")
+        console.print(f"Workers: {', '.join(cluster.queues)} (logs in {cluster.log_dir})")
+        if cluster.flower_url and cluster.flower_auth:
+            # Where the credentials are, never the password itself (terminals and CI
+            # logs are read by others).
+            console.print(f"Flower:  {cluster.flower_url} (user "
+                          f"{cluster.flower_auth.user}; password in "
+                          f"{cluster.flower_auth.shown})", soft_wrap=True, markup=False)
+
+    def watching(self, cluster: LocalCluster) -> None:
+        console.print("up: Ctrl-C or SIGTERM stops everything")
+
+    def stopping(self, cluster: LocalCluster) -> None:
+        console.print("stopping ...")
+
+    def stopped(self, cluster: LocalCluster) -> None:
+        console.print("stopped")
 
 
 if __name__ == "__main__":
