@@ -28,16 +28,19 @@ class HandoffProgress(Listener):
         show = console.is_terminal and not as_json
         self.bar: Progress | None = Progress(console=console, transient=True) if show else None
         self.task: TaskID | None = None
+        self.total = 0
 
     def handing_off(self, count: int) -> None:
+        """The bar starts at the first handoff (none for a rebalance with nothing to do),
+        and grows when the plan's moves follow the unfinished handoffs."""
         if self.bar is None:
             return
+        self.total += count
         if self.task is None:
             self.bar.start()
-            self.task = self.bar.add_task("handing off", total=count)
+            self.task = self.bar.add_task("handing off", total=self.total)
         else:
-            total = self.bar.tasks[0].total or 0
-            self.bar.update(self.task, total=total + count)
+            self.bar.update(self.task, total=self.total)
 
     def handed_off(self, outcome: Outcome) -> None:
         if self.bar is not None and self.task is not None:
