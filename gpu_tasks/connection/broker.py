@@ -17,6 +17,7 @@ import redis.sentinel
 from kombu.transport import redis as kombu_redis
 
 from gpu_tasks import settings as _settings
+from gpu_tasks.connection.failures import describe
 from gpu_tasks.connection.redisurl import one_attempt, redacted_url, sentinel_login
 from gpu_tasks.errors import BrokerUnavailable
 
@@ -110,30 +111,11 @@ def broker_unavailable(what: str, url: str, exc: BaseException, *,
     """The error a producer sees when Redis did not take or answer a call: what failed,
     where (without the password), why, and (``sending``) whether anything may have been
     enqueued."""
-    chain: list[BaseException] = []
-    link: BaseException | None = exc
-    while link is not None and link not in chain:
-        chain.append(link)
-        link = link.__cause__ or link.__context__
-    hung = any(isinstance(e, (TimeoutError, redis.TimeoutError)) or "timed out" in str(e)
-               for e in chain)
-    # The Redis or socket error says most; kombu's wrapper and retry internals less.
-    cause = next((e for e in chain if isinstance(e, (redis.RedisError, OSError))), exc)
+    failure = describe(exc)
     shown = redacted_url(url)
-    timeout = _settings.current().redis_timeout_s
-    refused = any(isinstance(e, redis.AuthenticationError) for e in chain)
-    if refused:
-        outcome = (f"Redis at {shown} refused the login (the user or password in "
-                   "GPU_TASKS_REDIS_URL)")
-        if sending:
-            outcome += "; nothing was enqueued"
-    elif hung:
-        outcome = (f"Redis at {shown} did not answer within {timeout:g} s "
-                   "(GPU_TASKS_REDIS_TIMEOUT_S)")
-        if sending:
-            outcome += "; if it resumes, what was sent may still run"
-    else:
-        outcome = f"Redis at {shown} is unavailable"
-        if sending:
-            outcome += "; nothing was enqueued"
+    outcome = failure.what(shown, _settings.current().redis_timeout_s)
+    if sending:
+        outcome += ("; if it resumes, what was sent may still run" if failure.kind == "timeout"
+                    else "; nothing was enqueued")
+    cause = failure.cause
     return BrokerUnavailable(f"{what}: {outcome} ({type(cause).__name__}: {cause})", shown)

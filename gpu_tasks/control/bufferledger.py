@@ -1,6 +1,7 @@
 """The buffer ledger: which entity buffers each GPU holds, and which were lost, in Redis.
 
-A GPU's pool child records every buffer it allocates and frees (:mod:`workers.device.ledger_writer`).
+A GPU's pool child records every buffer it allocates and frees
+(:mod:`workers.device.ledger_writer`).
 When device state dies (its pool child crashed or ended after a poisoned context, or its
 GPU died and its shards were failed over), the buffers it held become *losses*, kept per
 shard, so that whichever GPU serves the shard later answers a request for one of them

@@ -4,14 +4,18 @@ Every ``interval_s`` (``gpu-tasks coordinator``, a systemd unit in ``ops/``) it:
 
 1. holds the coordinator lease (``gpu-tasks:coordinator``, expiring): of several
    coordinators one acts and the others stand by, so two never act at once;
-2. finishes or rolls back handoffs that nobody drives any more (their driver died);
-3. fails over every GPU whose lease has been expired for ``failover_after_s``
-   (:mod:`gpu_tasks.control.failover`), counted while Redis answered: after Redis was away (down,
-   restarted, hung) every lease has run out, because no worker could renew it, so a GPU is
-   failed over only if its worker has not taken its lease again ``failover_after_s`` after
-   Redis answers this coordinator again (workers take it again within seconds);
-4. with ``auto_rebalance``, when a live, undrained GPU owns no shard (one joined, or came
-   back empty after a failover), rebalances, at most ``max_moves`` handoffs a round.
+2. fails over every GPU whose lease has been expired for ``failover_after_s``, then
+   resumes the handoffs it was part of (:func:`gpu_tasks.control.actions.fail_over_and_resume`,
+   as ``gpu-tasks shards failover`` does), counting only while Redis answered: after Redis
+   was away (down, restarted, hung) every lease has run out, because no worker could renew
+   it, so a GPU is failed over only if its worker has not taken its lease again
+   ``failover_after_s`` after Redis answers this coordinator again (workers take it again
+   within seconds);
+3. finishes or rolls back the other handoffs that nobody drives any more (their driver
+   died), then, with ``auto_rebalance`` and when a live, undrained GPU owns no shard (one
+   joined, or came back empty after a failover), rebalances, at most ``max_moves``
+   handoffs a round (:func:`gpu_tasks.control.actions.finish_and_rebalance`, as
+   ``gpu-tasks shards rebalance`` does).
 
 :meth:`Coordinator.tick` does one round and says what it did, for the CLI, a test, or
 a log.
@@ -31,10 +35,10 @@ from typing import Any
 import redis
 
 from gpu_tasks.control import handoff as handoffs
-from gpu_tasks.control.failover import fail_over
+from gpu_tasks.control.actions import Listener, fail_over_and_resume, finish_and_rebalance
 from gpu_tasks.control.lease import LeaseStore
 from gpu_tasks.control.lock import ExpiringLock
-from gpu_tasks.control.rebalance import plan_from_redis
+from gpu_tasks.control.rebalance import Plan, plan_from_redis
 from gpu_tasks.control.shardmap import ShardMapStore
 from gpu_tasks.errors import GpuTasksError
 from gpu_tasks.keys import COORDINATOR_KEY
@@ -57,6 +61,22 @@ class Tick:
         return {"acting": self.acting, "failed_over": self.failed_over,
                 "handoffs": self.handoffs, "rebalanced": self.rebalanced,
                 "errors": self.errors}
+
+
+class _Round(Listener):
+    """How a round hears of its handoffs: it renews the coordinator lease while they run,
+    and says onto which GPUs it rebalances."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+        self.joined: list[str] = []
+        """Live, undrained GPUs that own no shard (set where the round plans)."""
+
+    def polled(self) -> None:
+        self.coordinator.holds_lease()
+
+    def rebalancing(self, plan: Plan) -> None:
+        log.warning("rebalancing onto %s: %d moves", ", ".join(self.joined), len(plan.moves))
 
 
 class Coordinator:
@@ -102,16 +122,6 @@ class Coordinator:
         """Give the coordinator lease up, if this coordinator holds it."""
         self.lock.release()
 
-    def _handoff(self, index: int, target: str | None = None) -> handoffs.Handoff:
-        return handoffs.Handoff(index, target, self.client, self.app, pause=self.pause)
-
-    def _drive(self, tick: Tick, work: list[handoffs.Handoff]) -> None:
-        def renew() -> None:
-            self.holds_lease()
-
-        for outcome in handoffs.run(work, self.parallel, on_poll=renew):
-            tick.handoffs.append(outcome.as_dict())
-
     def tick(self) -> Tick:
         """One round (see the module docstring)."""
         if not self.holds_lease():
@@ -132,35 +142,48 @@ class Coordinator:
         orphans = [i for i, s in shard_map.moving().items()
                    if not handoffs.driven(self.client, s.handoff)]
         gpus = {g for s in shard_map.shards for g in (s.owner, s.target) if g}
+        listener = _Round(self)
         for gpu in sorted(gpus - live):
             gone = self._gone_for_s(gpu)
             if gone is None or gone < self.failover_after_s:
                 continue
             try:
-                report = fail_over(self.client, gpu)
+                failed = fail_over_and_resume(self.client, self._app, gpu,
+                                              parallel=self.parallel, pause=self.pause,
+                                              listener=listener)
             except GpuTasksError as exc:
                 tick.errors.append(str(exc))
                 continue
-            tick.failed_over.append(report.as_dict())
-            orphans += [i for i in report.resumed if i not in orphans]
-        if orphans:
-            self._drive(tick, [self._handoff(i) for i in sorted(orphans)])
-        if self.auto_rebalance and not self.maps.load().moving():
-            owners = {s.owner for s in self.maps.load().shards}
-            joined = sorted(live - owners - self.maps.drained())
-            if joined:
-                plan = plan_from_redis(self.client, max_moves=self.max_moves)
-                if plan.moves:
-                    log.warning("rebalancing onto %s: %d moves", ", ".join(joined),
-                                len(plan.moves))
-                    self._drive(tick, [self._handoff(m.shard, m.target) for m in plan.moves])
-                    tick.rebalanced = True
+            tick.failed_over.append(failed.report.as_dict())
+            tick.handoffs += [o.as_dict() for o in failed.outcomes]
+            orphans = [i for i in orphans if i not in failed.report.resumed]
+
+        def onto_joined() -> Plan | None:
+            """A plan only while nothing moves and a live, undrained GPU owns no shard."""
+            shard_map = self.maps.load()
+            if shard_map.moving():
+                return None
+            owners = {s.owner for s in shard_map.shards}
+            listener.joined = sorted(live - owners - self.maps.drained())
+            if not listener.joined:
+                return None
+            return plan_from_redis(self.client, max_moves=self.max_moves)
+
+        done = finish_and_rebalance(self.client, self._app, sorted(orphans),
+                                    onto_joined if self.auto_rebalance else None,
+                                    parallel=self.parallel, pause=self.pause,
+                                    listener=listener)
+        tick.handoffs += [o.as_dict() for o in done.outcomes]
+        tick.rebalanced = bool(done.plan is not None and done.plan.moves)
         for event in tick.failed_over:
             log.warning("failed over %s", event)
         for event in tick.handoffs:
             if event["status"] != "moved":
                 log.warning("%s: %s %s", event["shard"], event["status"], event["message"])
         return tick
+
+    def _app(self) -> Any:
+        return self.app
 
     def run(self, stop: threading.Event) -> None:
         """Tick until ``stop`` is set; then give the lease up."""
