@@ -26,8 +26,8 @@ from kombu import pools as kombu_pools
 from kombu.exceptions import OperationalError
 
 from gpu_tasks import errors as _errors  # noqa: F401  (results rebuild these exceptions)
+from gpu_tasks import redisurl
 from gpu_tasks import settings as _settings
-from gpu_tasks.connection import redisurl
 from gpu_tasks.connection.broker import (
     PRODUCER_TRANSPORT,
     SENTINEL_PRODUCER_TRANSPORT,

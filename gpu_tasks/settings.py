@@ -16,9 +16,9 @@ from typing import Any
 
 import redis
 
-from gpu_tasks.connection import redisurl
-from gpu_tasks.connection.redisurl import redacted_url
+from gpu_tasks import redisurl
 from gpu_tasks.errors import ConfigError
+from gpu_tasks.redisurl import redacted_url
 
 ENV_PREFIX = "GPU_TASKS_"
 BACKENDS = ("auto", "pycuda", "sim")
@@ -62,7 +62,7 @@ class Settings:
 
     redis_url: str | None = field(default=None, repr=False)
     """Broker, result backend, shard map and fleet registry: ``redis://``, ``rediss://``
-    (TLS) or ``sentinel://`` (forms in :mod:`gpu_tasks.connection.redisurl`). None:
+    (TLS) or ``sentinel://`` (forms in :mod:`gpu_tasks.redisurl`). None:
     ``gpu-tasks up`` starts an embedded redis-server; other commands refuse. May hold a
     password: never printed, logged or shown in ``repr`` (:attr:`redis_url_shown` is)."""
     node: str = field(default_factory=_short_hostname)
@@ -244,7 +244,7 @@ class Settings:
         return self.redis_target().client(self.redis_timeout_s)
 
     def redis_target(self) -> redisurl.RedisTarget:
-        """The Redis URL, read (:mod:`gpu_tasks.connection.redisurl`)."""
+        """The Redis URL, read (:mod:`gpu_tasks.redisurl`)."""
         return redisurl.parse(self.require_redis_url())
 
     def require_redis_url(self) -> str:

@@ -100,6 +100,24 @@ def test_no_import_cycle_in_gpu_tasks_or_workers() -> None:
     assert cycles(graph) == []
 
 
+def concern(module: str) -> str:
+    """The subpackage a module belongs to (``gpu_tasks.control``), or the module itself
+    where it sits at a package's top (``gpu_tasks.settings``, ``workers.boot``)."""
+    return ".".join(module.split(".")[:2])
+
+
+def test_subpackages_depend_on_each_other_one_way() -> None:
+    graph: dict[str, set[str]] = {}
+    for name, targets in import_graph().items():
+        graph.setdefault(concern(name), set()).update(
+            concern(t) for t in targets if concern(t) != concern(name))
+    for targets in list(graph.values()):
+        for target in targets:
+            graph.setdefault(target, set())
+    assert "gpu_tasks.control" in graph["gpu_tasks.celeryapp"]  # edges are seen
+    assert cycles(graph) == []
+
+
 def test_gpu_tasks_imports_workers_only_where_it_starts_gpu_workers() -> None:
     graph = import_graph()
     reaching = {name for name, targets in graph.items()

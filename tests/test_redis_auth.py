@@ -24,12 +24,12 @@ import pytest
 import redis
 
 from gpu_tasks.app import configure
-from gpu_tasks.connection.redisurl import redacted_url
 from gpu_tasks.control.shardmap import ShardMap, ShardMapStore
 from gpu_tasks.errors import BrokerUnavailable, NoSuchBuffer
 from gpu_tasks.local.cluster import LocalCluster
 from gpu_tasks.local.redis_server import free_port
 from gpu_tasks.protocol.routing import shard_index, shard_name
+from gpu_tasks.redisurl import redacted_url
 from gpu_tasks.settings import Settings
 from gpu_tasks.tasks import alloc, read, write
 from tests.conftest import (

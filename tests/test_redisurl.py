@@ -1,4 +1,4 @@
-"""Reading ``GPU_TASKS_REDIS_URL`` (gpu_tasks.connection.redisurl): every form, what Celery
+"""Reading ``GPU_TASKS_REDIS_URL`` (gpu_tasks.redisurl): every form, what Celery
 and kombu get from it, and that no password is ever shown. No Redis needed."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 from kombu import Connection
 
 from gpu_tasks.app import celery_config
-from gpu_tasks.connection.redisurl import parse, redacted_url
 from gpu_tasks.errors import ConfigError
 from gpu_tasks.protocol.routing import EntityRouter
+from gpu_tasks.redisurl import parse, redacted_url
 from gpu_tasks.settings import Settings
 
 SENTINELS = ("sentinel://u:s3cret@10.0.0.1:26379/2;sentinel://10.0.0.2/2;"

@@ -18,8 +18,8 @@ from kombu.transport import redis as kombu_redis
 
 from gpu_tasks import settings as _settings
 from gpu_tasks.connection.failures import describe
-from gpu_tasks.connection.redisurl import one_attempt, redacted_url, sentinel_login
 from gpu_tasks.errors import BrokerUnavailable
+from gpu_tasks.redisurl import one_attempt, redacted_url, sentinel_login
 
 
 class ProducerChannel(kombu_redis.Channel):  # type: ignore[misc]
@@ -54,7 +54,7 @@ class EverySentinel:
     the next of them, and that switch replaces the connection's transport with the stock
     one of the URL's scheme: a GPU worker would lose its own transport at the first
     failover. So the broker URL names one Sentinel
-    (:attr:`gpu_tasks.connection.redisurl.RedisTarget.broker_url`) and every Sentinel
+    (:attr:`gpu_tasks.redisurl.RedisTarget.broker_url`) and every Sentinel
     travels here. The Sentinels' own login comes from the settings, not the options:
     workers show their transport options in ``inspect stats``."""
 

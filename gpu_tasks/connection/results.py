@@ -21,8 +21,8 @@ from celery.backends.redis import ResultConsumer as CeleryResultConsumer
 
 from gpu_tasks import settings as _settings
 from gpu_tasks.connection.broker import broker_unavailable
-from gpu_tasks.connection.redisurl import one_attempt, sentinel_login
 from gpu_tasks.errors import BrokerUnavailable
+from gpu_tasks.redisurl import one_attempt, sentinel_login
 
 _UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
 

@@ -45,7 +45,6 @@ from kombu.utils.json import loads as kombu_loads
 
 from gpu_tasks import settings as _settings
 from gpu_tasks.connection.broker import EverySentinel
-from gpu_tasks.connection.redisurl import redacted_url
 from gpu_tasks.control.deadletter import (
     Checked,
     DeadLetter,
@@ -55,6 +54,7 @@ from gpu_tasks.control.deadletter import (
 )
 from gpu_tasks.errors import ConfigError
 from gpu_tasks.protocol.unacked import SOURCE, mark_redelivered, source_queue
+from gpu_tasks.redisurl import redacted_url
 from gpu_tasks.settings import Settings
 
 log = logging.getLogger(__name__)
