@@ -190,7 +190,7 @@ def handoff_figures(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 owner = ShardMapStore(client).load().shards[index].owner
                 target = GPUS[1] if owner == GPUS[0] else GPUS[0]
                 began = time.perf_counter()
-                (outcome,) = handoff.run([handoff.Handoff(index, target, client, app)])
+                (outcome,) = handoff.drive_all([handoff.Handoff(index, target, client, app)])
                 ended = time.perf_counter()
                 if outcome.status != "moved":
                     raise BenchmarkError(f"handoff {outcome.status}: {outcome.message}")

@@ -104,7 +104,7 @@ def drive(client: redis.Redis, app: AppSource, moves: Sequence[tuple[int, str | 
     work = [handoffs.Handoff(index, target, client, celery_app, pause=pause)
             for index, target in moves]
     listener.handing_off(len(work))
-    return handoffs.run(work, parallel, on_done=listener.handed_off, on_poll=listener.polled)
+    return handoffs.drive_all(work, parallel, on_done=listener.handed_off, on_poll=listener.polled)
 
 
 def unfinished(client: redis.Redis) -> list[int]:

@@ -363,7 +363,7 @@ def driven(client: redis.Redis, handoff: str | None) -> bool:
     return not gone
 
 
-def run(handoffs: Iterable[Handoff], parallel: int = 4, poll_s: float = 0.05,
+def drive_all(handoffs: Iterable[Handoff], parallel: int = 4, poll_s: float = 0.05,
         on_done: Callable[[Outcome], None] | None = None,
         on_poll: Callable[[], None] | None = None) -> list[Outcome]:
     """Drive ``handoffs``, ``parallel`` at a time, from this thread; their outcomes.
