@@ -15,9 +15,12 @@ from typing import Any, TypeVar
 import pytest
 import redis
 
+import gpu_tasks.cluster
+import gpu_tasks.redis_server
 from gpu_tasks.cluster import LocalCluster
 from gpu_tasks.redis_server import RedisServer
 from gpu_tasks.settings import Settings
+from tests.support import ports
 
 NODE = "testnode"
 GPUS = 4
@@ -25,6 +28,17 @@ SIM_MEMORY = 64 << 20
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PORT = redis.Redis().connection_pool.connection_kwargs["port"]
 """Redis's standard port, where this machine's own Redis listens: tests must never use it."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ports_of_this_test_process() -> Iterator[None]:
+    """Every server this test process starts (its session Redis, a cluster's Flower, the
+    servers of fault tests) takes its port from this process's own range: pytest-xdist
+    runs several of them at once (tests/support/ports.py)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gpu_tasks.redis_server, "free_port", ports.free_port)
+        patch.setattr(gpu_tasks.cluster, "free_port", ports.free_port)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from gpu_tasks.cluster import LocalCluster, Process, gpu_tasks_command, spawn
-from gpu_tasks.redis_server import free_port
 from tests.conftest import wait_until
+from tests.support.ports import free_port
 
 
 @dataclass

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import redis
 
-from gpu_tasks.redis_server import find_redis_server, free_port
+from gpu_tasks.redis_server import find_redis_server
+from tests.support.ports import free_port
 
 
 class Node:

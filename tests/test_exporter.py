@@ -20,12 +20,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gpu_tasks.cluster import LocalCluster
 from gpu_tasks.errors import NoSuchBuffer
-from gpu_tasks.redis_server import free_port
 from gpu_tasks.settings import Settings
 from gpu_tasks.shardmap import ShardMap, ShardMapStore
 from gpu_tasks.tasks import alloc, read
 from tests.conftest import GPUS, NODE, REPO, entity_owned_by, wait_until
 from tests.messages import raw_task_message
+from tests.support.ports import free_port
 
 TIMEOUT = 30
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -26,7 +26,6 @@ import redis
 from gpu_tasks.app import configure
 from gpu_tasks.cluster import LocalCluster
 from gpu_tasks.errors import BrokerUnavailable, NoSuchBuffer
-from gpu_tasks.redis_server import free_port
 from gpu_tasks.redisurl import redacted_url
 from gpu_tasks.routing import shard_index, shard_name
 from gpu_tasks.settings import Settings
@@ -42,6 +41,7 @@ from tests.conftest import (
 )
 from tests.flowerclient import every_flower_page
 from tests.redisnodes import Certs, Node, make_certs, server_args
+from tests.support.ports import free_port
 from tests.test_exporter import exporter
 
 PASSWORD = f"pw-{secrets.token_hex(12)}"

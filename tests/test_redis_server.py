@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 import redis
 
+from gpu_tasks import redis_server
 from gpu_tasks.errors import RedisServerError
 from gpu_tasks.redis_server import RedisServer, find_redis_server
 from tests.conftest import DEFAULT_PORT
+from tests.support import ports
 
 
 def test_without_one_on_the_path_the_wheels_redis_server_is_used(
@@ -31,3 +34,23 @@ def test_a_server_that_cannot_start_says_why(tmp_path: Path) -> None:
         clash = RedisServer(tmp_path / "b", port=running.port)
         with pytest.raises(RedisServerError, match=f"port {running.port}"):
             clash.start(timeout_s=5)
+
+
+def test_a_server_whose_port_is_taken_before_it_binds_moves_to_another(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a port that was free when the server looked, and that another process listens
+    # on by the time the server binds it (another test process, say)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        picks = [taken, ports.free_port()]
+        monkeypatch.setattr(redis_server, "free_port", lambda: picks.pop(0))
+        # When it starts, Then it runs on the next free port
+        with RedisServer(tmp_path / "data") as server:
+            assert server.port != taken and picks == []
+            assert redis.Redis.from_url(server.url).ping()
+            # And a restart keeps that port (clients hold its URL)
+            port = server.port
+            server.restart()
+            assert server.port == port and redis.Redis.from_url(server.url).ping()
