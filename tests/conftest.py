@@ -26,6 +26,8 @@ NODE = "testnode"
 GPUS = 4
 SIM_MEMORY = 64 << 20
 REPO = Path(__file__).resolve().parent.parent
+VECTORS_FILE = REPO / "tests" / "data" / "routing-vectors.json"
+"""The contract's routing vectors (docs/PROTOCOL.md), checked with the reference C xxhsum."""
 DEFAULT_PORT = redis.Redis().connection_pool.connection_kwargs["port"]
 """Redis's standard port, where this machine's own Redis listens: tests must never use it."""
 
@@ -162,6 +164,20 @@ def entity_owned_by(client: redis.Redis, gpu: str, prefix: str, *,
         if shard_map.shards[index].owner == gpu and index not in not_in:
             return entity
     raise AssertionError(f"no entity of {gpu} found")
+
+
+def entity_on(cluster: LocalCluster, gpu: int, prefix: str) -> str:
+    """An entity id whose shard belongs to GPU ``gpu`` of ``cluster`` (node ``NODE``)."""
+    from gpu_tasks.routing import shard_index
+    from gpu_tasks.shardmap import ShardMapStore
+
+    shard_map = ShardMapStore(cluster.settings.redis_client()).load()
+    for i in range(10_000):
+        entity = f"{prefix}-{i}"
+        if shard_map.shards[shard_index(entity, shard_map.shard_count)].owner == (
+                f"gpu.{NODE}.{gpu}"):
+            return entity
+    raise AssertionError("no entity found")
 
 
 def kill_worker(cluster: LocalCluster, gpu: int) -> None:

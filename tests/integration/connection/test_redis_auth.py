@@ -39,10 +39,10 @@ from tests.conftest import (
     own_cluster,
     wait_until,
 )
-from tests.flowerclient import every_flower_page
-from tests.redisnodes import Certs, Node, make_certs, server_args
+from tests.support.exporter import exporter
+from tests.support.flowerclient import every_flower_page
 from tests.support.ports import free_port
-from tests.test_exporter import exporter
+from tests.support.redisnodes import Certs, Node, make_certs, server_args
 
 PASSWORD = f"pw-{secrets.token_hex(12)}"
 """gpu-tasks' password in every mode; it must never show anywhere."""

@@ -23,8 +23,8 @@ from gpu_tasks.errors import BrokerUnavailable
 from gpu_tasks.settings import Settings
 from tests import usertasks
 from tests.conftest import gpu_tasks_cli, own_cluster, wait_until
-from tests.flowerclient import every_flower_page
-from tests.redisnodes import SentinelSet
+from tests.support.flowerclient import every_flower_page
+from tests.support.redisnodes import SentinelSet
 
 DATA_PASSWORD = "data-pw-7c1e9a"
 SENTINEL_PASSWORD = "sentinel-pw-52b8d0"

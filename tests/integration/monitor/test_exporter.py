@@ -3,20 +3,13 @@ counts behind it, and the alert rules over its metrics."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-import sys
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 import redis
-from celery import signals
-from prometheus_client.parser import text_string_to_metric_families
 
 from gpu_tasks.cluster import LocalCluster
 from gpu_tasks.errors import NoSuchBuffer
@@ -24,57 +17,11 @@ from gpu_tasks.settings import Settings
 from gpu_tasks.shardmap import ShardMap, ShardMapStore
 from gpu_tasks.tasks import alloc, read
 from tests.conftest import GPUS, NODE, REPO, entity_owned_by, wait_until
-from tests.messages import raw_task_message
+from tests.support.exporter import Samples, exporter, scrape, value
+from tests.support.messages import raw_task_message
 from tests.support.ports import free_port
 
 TIMEOUT = 30
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-@contextmanager
-def exporter(settings: Settings) -> Iterator[str]:
-    """``gpu-tasks exporter`` on a free port for ``settings``' Redis; yields its metrics URL."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gpu_tasks.cli", "exporter", "--port", str(port)],
-        env={**os.environ, **settings.to_env()}, cwd=REPO, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}/metrics"
-
-    def answers() -> bool:
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return True
-        except OSError:
-            return False
-
-    try:
-        wait_until(answers, timeout=20)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
-
-
-def scrape(url: str) -> Samples:
-    """Every sample: (name, labels) -> value."""
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        text = resp.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
-
-
 def gpu_labels(i: int, node: str = NODE) -> dict[str, str]:
     return {"node": node, "gpu": f"gpu.{node}.{i}"}
 
@@ -190,31 +137,6 @@ def test_exporter_answers_when_redis_is_down(settings: Settings) -> None:
     with exporter(gone) as url:
         samples = scrape(url)
     assert value(samples, "gpu_tasks_redis_up") == 0
-
-
-def test_task_counts_follow_celerys_signals() -> None:
-    from workers import taskcounts
-
-    class Task:
-        name = "tests.counted"
-
-    counts = taskcounts.install("gpu.unit.0")
-    try:
-        signals.task_success.send(sender=Task(), result=1, runtime=0.1)
-        signals.task_success.send(sender=Task(), result=1, runtime=0.1)
-        signals.task_failure.send(sender=Task(), task_id="t", exception=ValueError())
-        signals.task_retry.send(sender=Task(), request=None, reason="again", einfo=None)
-    finally:
-        taskcounts.uninstall(counts)
-    signals.task_success.send(sender=Task(), result=1, runtime=0.1)  # no longer counted
-    taken = counts.take()
-    assert taken == {"tests.counted:succeeded": 2, "tests.counted:failed": 1,
-                     "tests.counted:retried": 1}
-    # What could not be written is kept for the next heartbeat
-    counts.put_back(taken)
-    counts.add("tests.counted", "failed")
-    assert counts.take()["tests.counted:failed"] == 2
-    assert counts.take() == {}
 
 
 def test_task_counts_where_no_heartbeat_runs_are_written_at_once(spare_url: str) -> None:

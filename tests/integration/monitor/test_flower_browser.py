@@ -16,7 +16,7 @@ import pytest
 
 from gpu_tasks.cluster import LocalCluster
 from tests.conftest import GPUS, NODE, wait_until
-from tests.flowerclient import client_of
+from tests.support.flowerclient import client_of
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver") or (

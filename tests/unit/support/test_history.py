@@ -3,7 +3,7 @@ fail would prove nothing)."""
 
 from __future__ import annotations
 
-from tests.history import check
+from tests.support.history import check
 
 GOOD = ["a:0:0", "b:0:0", "a:1:0", "b:1:0", "a:2:1"]
 

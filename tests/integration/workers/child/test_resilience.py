@@ -19,7 +19,6 @@ from gpu_tasks.app import configure
 from gpu_tasks.cluster import LocalCluster
 from gpu_tasks.errors import (
     BrokerUnavailable,
-    ConfigError,
     DeviceError,
     EntityStateLost,
     NoSuchBuffer,
@@ -33,8 +32,8 @@ from gpu_tasks.shardmap import ShardMapStore
 from gpu_tasks.tasks import alloc, free, read, stats, write
 from gpu_tasks.unacked import mark_redelivered
 from tests import usertasks
-from tests.conftest import NODE, gpu_tasks_cli, own_redis_cluster, wait_until
-from tests.messages import raw_task_message
+from tests.conftest import NODE, entity_on, gpu_tasks_cli, own_redis_cluster, wait_until
+from tests.support.messages import raw_task_message
 
 TIMEOUT = 60
 
@@ -56,8 +55,6 @@ def running_on(cluster: LocalCluster, worker: str, task_id: str) -> bool:
 def test_a_task_whose_pool_child_dies_is_redelivered_and_the_gpu_keeps_serving(
         cluster: LocalCluster) -> None:
     # Given a slow task running on GPU 0's pool child
-    from tests.test_cluster import entity_on
-
     e = entity_on(cluster, 0, "crash")
     child = pool_child(cluster, 0)
     alloc.apply_async(kwargs={"entity_id": e, "name": "kept", "shape": [2]}).get(TIMEOUT)
@@ -232,8 +229,6 @@ def test_a_second_copy_of_a_request_that_completed_is_answered_again_not_run_twi
     # Given a scale that completed on GPU 0, and a second copy of its message: Redis delivers
     # it again (the worker lost Redis as it stored the result, which never arrived), or a
     # producer sent it twice (its publish to a hung Redis timed out and was retried)
-    from tests.test_cluster import entity_on
-
     e = entity_on(cluster, 0, f"copied-{copy.replace(' ', '-')}")
     alloc.apply_async(kwargs={"entity_id": e, "name": "x", "shape": [1]}).get(TIMEOUT)
     write.apply_async(kwargs={"entity_id": e, "name": "x", "values": [3]}).get(TIMEOUT)
@@ -261,8 +256,6 @@ def test_a_second_copy_of_a_request_that_completed_is_answered_again_not_run_twi
 def test_a_redelivered_free_of_a_buffer_already_gone_succeeds(
         cluster: LocalCluster, client: redis.Redis) -> None:
     # Given an entity whose buffer a first delivery of a free already freed
-    from tests.test_cluster import entity_on
-
     e = entity_on(cluster, 1, "freed-twice")
     alloc.apply_async(kwargs={"entity_id": e, "name": "x", "shape": [1]}).get(TIMEOUT)
     free.apply_async(kwargs={"entity_id": e, "name": "x"}).get(TIMEOUT)
@@ -281,8 +274,6 @@ def test_a_redelivered_free_of_a_buffer_already_gone_succeeds(
 
 def test_a_request_past_its_soft_time_limit_is_stopped_and_the_gpu_keeps_its_buffers(
         cluster: LocalCluster) -> None:
-    from tests.test_cluster import entity_on
-
     # Given an entity with a buffer on GPU 2
     e = entity_on(cluster, 2, "soft-limit")
     alloc.apply_async(kwargs={"entity_id": e, "name": "kept", "shape": [2]}).get(TIMEOUT)
@@ -303,8 +294,6 @@ def test_a_request_past_its_soft_time_limit_is_stopped_and_the_gpu_keeps_its_buf
 
 def test_a_request_past_its_hard_time_limit_is_answered_and_the_loss_is_named(
         cluster: LocalCluster) -> None:
-    from tests.test_cluster import entity_on
-
     # Given an entity with a buffer on GPU 3
     e = entity_on(cluster, 3, "hard-limit")
     alloc.apply_async(kwargs={"entity_id": e, "name": "kept", "shape": [2]}).get(TIMEOUT)
@@ -323,8 +312,3 @@ def test_a_request_past_its_hard_time_limit_is_answered_and_the_loss_is_named(
         read.apply_async(kwargs={"entity_id": e, "name": "kept"}).get(timeout=TIMEOUT)
 
 
-def test_the_soft_time_limit_must_be_below_the_hard_one() -> None:
-    with pytest.raises(ConfigError, match=r"task_soft_time_limit_s .* must be below"):
-        Settings(task_time_limit_s=60, task_soft_time_limit_s=60)
-    assert Settings.from_env({"GPU_TASKS_TASK_SOFT_TIME_LIMIT_S": "30"}).task_soft_time_limit_s \
-        == 30.0

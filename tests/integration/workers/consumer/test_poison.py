@@ -22,14 +22,14 @@ from celery.result import AsyncResult
 from kombu.exceptions import DecodeError
 
 from gpu_tasks.cluster import LocalCluster
-from gpu_tasks.deadletter import DeadLetter, DeadLetterStore, check_message
+from gpu_tasks.deadletter import DeadLetter, DeadLetterStore
 from gpu_tasks.errors import DeadLettered
 from gpu_tasks.redis_server import RedisServer
 from gpu_tasks.routing import shard_index, shard_name
 from gpu_tasks.settings import Settings
 from gpu_tasks.tasks import alloc
 from tests.conftest import NODE, _spare_dbs, gpu_tasks_cli, own_cluster, wait_until
-from tests.messages import raw_task_message
+from tests.support.messages import raw_task_message
 
 TIMEOUT = 30
 GPU = f"gpu.{NODE}.0"
@@ -317,19 +317,6 @@ def test_a_pickled_result_is_never_unpickled(poisoned: LocalCluster, tmp_path: P
     with pytest.raises(DecodeError):
         app.AsyncResult(task_id).get(timeout=5)
     assert not planted.exists()
-
-
-def test_check_message_accepts_what_producers_send() -> None:
-    _task_id, raw = raw_task_message("gpu_tasks.alloc", {"entity_id": "e", "values":
-                                                         [[1, 2]] * 100}, "shard-1")
-    checked = check_message(raw.encode(), max_bytes=1 << 20, max_nesting=64,
-                            tasks={"gpu_tasks.alloc"})
-    assert checked.reason == "" and checked.body[1]["values"][0] == [1, 2]
-    # Brackets inside strings do not count as nesting
-    _task_id, raw = raw_task_message("gpu_tasks.alloc", {"entity_id": "[" * 500}, "shard-1")
-    assert check_message(raw.encode(), max_bytes=1 << 20, max_nesting=4).reason == ""
-    letter = DeadLetter.of(b"x" * 10, "shard-1", "why")
-    assert (letter.raw, letter.truncated) == (b"x" * 10, False)
 
 
 def test_a_dead_letter_redis_refuses_is_held_and_stored_once_redis_takes_writes(

@@ -13,7 +13,7 @@ import redis
 from kombu import Connection, Consumer, Exchange, Queue
 
 from gpu_tasks.unacked import SOURCE, restore_unacked, unacked_keys
-from tests.messages import raw_task_message
+from tests.support.messages import raw_task_message
 from workers.transport import GpuChannel, GpuTransport
 
 GPU = "gpu.t.0"
