@@ -32,6 +32,22 @@ DEFAULT_PORT = redis.Redis().connection_pool.connection_kwargs["port"]
 """Redis's standard port, where this machine's own Redis listens: tests must never use it."""
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest first: modules with a test marked ``slow``, then the other integration
+    modules, then the unit ones, each module's tests kept together and in order. With
+    ``--dist loadfile --no-loadscope-reorder`` (make test) pytest-xdist hands modules out in
+    this order, so the long ones start at once rather than last (its default puts the
+    modules with the most tests first: the quick, parametrized ones)."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+
+    def rank(item: pytest.Item) -> int:
+        if item.path in slow:
+            return 0
+        return 2 if "unit" in item.path.relative_to(REPO).parts[:2] else 1
+
+    items.sort(key=rank)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _ports_of_this_test_process() -> Iterator[None]:
     """Every server this test process starts (its session Redis, a cluster's Flower, the

@@ -86,6 +86,7 @@ def test_submit_many_sends_what_apply_async_sends(spare_url: str, settings: Sett
     assert plain == bulk
 
 
+@pytest.mark.slow  # 3,000 requests through the four sim GPUs
 def test_submit_many_runs_every_request_once_and_returns_results(
         cluster: LocalCluster, client: redis.Redis) -> None:
     log = f"log-{uuid.uuid4().hex}"

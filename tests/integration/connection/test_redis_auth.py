@@ -125,6 +125,7 @@ def deployment(request: pytest.FixtureRequest, tmp_path: Path,
         running.node.stop()
 
 
+@pytest.mark.slow  # a cluster on each of three Redis logins
 def test_a_deployment_serves_and_never_shows_the_password(
         deployment: Deployment, tmp_path: Path, settings: Settings) -> None:
     outputs: list[str] = []

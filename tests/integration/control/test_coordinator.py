@@ -35,6 +35,7 @@ from tests.support.handoff import GPU, TIMEOUT, Producer, S, cli, owner_of, star
 GPU0, GPU1 = GPU[0], GPU[1]
 
 
+@pytest.mark.slow  # a kill -9 at each step, a cluster each
 @pytest.mark.parametrize("step", STEPS)
 def test_a_coordinator_killed_at_any_step_of_its_handoff_is_replaced_by_another(
         settings: Settings, spare_url: str, tmp_path: Path, step: str) -> None:

@@ -29,6 +29,7 @@ S = 16
 GPU0, GPU1 = f"gpu.{NODE}.0", f"gpu.{NODE}.1"
 
 
+@pytest.mark.slow  # a GPU killed under a 30 s request
 def test_a_killed_gpus_shards_go_to_a_live_one_with_its_unfinished_work_first(
         settings: Settings, spare_url: str, tmp_path: Path) -> None:
     with own_cluster(settings, spare_url, tmp_path, gpus=2, shard_count=S) as cluster:

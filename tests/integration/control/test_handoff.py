@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from gpu_tasks.cluster import LocalCluster
 from gpu_tasks.lease import LeaseStore
@@ -22,6 +23,7 @@ from tests.conftest import own_cluster, wait_until
 from tests.support.handoff import GPU, TIMEOUT, Producer, S, cli, other_gpu, owner_of
 
 
+@pytest.mark.slow  # moves, a rebalance and a drain under a stream
 def test_shards_move_rebalance_and_drain_while_a_producer_streams(
         two_gpus: LocalCluster) -> None:
     cluster = two_gpus

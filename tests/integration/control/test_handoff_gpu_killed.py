@@ -16,6 +16,7 @@ from tests.conftest import gpu_tasks_cli, kill_worker
 from tests.support.handoff import GPU, Producer, S, other_gpu, owner_of, start_paused
 
 
+@pytest.mark.slow  # a kill -9 at each step of both sides, a cluster each
 @pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("victim", ["source", "target"])
 def test_a_gpu_killed_at_any_step_of_a_handoff_loses_nothing_silently(

@@ -73,6 +73,7 @@ def queued(client: redis.Redis, shard_count: int = 64) -> int:
     return sum(pipe.execute())
 
 
+@pytest.mark.slow  # 10,000 requests through the four sim GPUs
 def test_ten_thousand_lines_with_bad_ones_run_once_each(
         cluster: LocalCluster, settings: Settings, client: redis.Redis, tmp_path: Path) -> None:
     # Given 10,000 requests with bad lines scattered through them
@@ -127,6 +128,7 @@ def test_a_rerun_sends_nothing_twice(cluster: LocalCluster, settings: Settings,
     assert len(executions(client, log)) == 300
 
 
+@pytest.mark.slow  # a batch SIGKILLed half way, then run again
 def test_sigkill_half_way_then_rerun_runs_everything_exactly_once(
         cluster: LocalCluster, settings: Settings, client: redis.Redis, tmp_path: Path) -> None:
     # Given a batch slowed down by back-pressure, so that it is certainly mid-way when killed

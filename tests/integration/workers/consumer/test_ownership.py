@@ -360,6 +360,7 @@ def test_a_worker_whose_lease_was_taken_over_stops_and_exits_3(
         assert executions(client, log) == {"after-the-loss:0": 1}
 
 
+@pytest.mark.slow  # a flooded shard drained beside the others
 def test_no_shard_starves_while_another_is_flooded(
         spare_url: str, settings: Settings, tmp_path: Path) -> None:
     # Given one GPU owning all 1024 shards, 5,000 requests queued for one entity and
