@@ -9,12 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 
-from tests.conftest import DEFAULT_PORT, REPO, gpu_tasks_cli
+from tests.conftest import DEFAULT_PORT, REPO, gpu_tasks_cli, wait_until
 
 
 def test_up_once_runs_the_demo_and_leaves_nothing_running(tmp_path: Path) -> None:
@@ -90,10 +89,10 @@ def test_up_stays_up_until_sigterm_then_stops_everything(tmp_path: Path) -> None
                 break
         else:
             raise AssertionError("".join(lines))
-        # While it is up, its processes are running
-        time.sleep(1)
+        # While it is up, its processes are running: redis-server and two workers, at least
+        wait_until(lambda: len(started_by(tmp_path)) >= 3, timeout=30,
+                   what=lambda: str(started_by(tmp_path)))
         assert proc.poll() is None
-        assert len(started_by(tmp_path)) >= 3  # redis-server and two workers, at least
         # When it gets SIGTERM
         proc.send_signal(signal.SIGTERM)
         rest = proc.communicate(timeout=60)[0]

@@ -11,6 +11,8 @@ connection may run again.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import threading
 import time
@@ -18,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import redis
 
 from gpu_tasks.errors import BrokerUnavailable
 from gpu_tasks.settings import Settings
@@ -41,6 +44,31 @@ def executions(path: Path) -> Counter[int]:
     return Counter(int(line.split()[0]) for line in path.read_text().splitlines())
 
 
+def settled(nodes: SentinelSet, gpus: list[str], log: Path) -> bool:
+    """Whether nothing more can come back: no request waits in a shard or GPU queue of the
+    master, and every request a worker holds (its unacknowledged ones) has run."""
+    try:
+        client = nodes.master.admin()
+        return _settled(client, gpus, log)
+    except (AssertionError, redis.RedisError):  # no Sentinel or master answers just now
+        return False
+
+
+def _settled(client: redis.Redis, gpus: list[str], log: Path) -> bool:
+    if next(iter(client.scan_iter("shard-*", count=1000)), None) is not None:
+        return False
+    if any(client.llen(gpu) for gpu in gpus):
+        return False
+    ran = executions(log)
+    for gpu in gpus:
+        for raw in client.hvals(f"gpu-tasks:unacked:{gpu}"):
+            message = json.loads(raw)[0]
+            kwargs = json.loads(base64.b64decode(message["body"]))[1]
+            if not ran[kwargs.get("seq", -1)]:
+                return False
+    return True
+
+
 def first_run_after(path: Path, when: float, seqs: set[int]) -> float:
     """Unix time of the first execution of one of ``seqs`` after ``when``."""
     times = [float(t) for s, t in (line.split() for line in path.read_text().splitlines())
@@ -48,6 +76,7 @@ def first_run_after(path: Path, when: float, seqs: set[int]) -> float:
     return min(times)
 
 
+@pytest.mark.slow  # a Sentinel failover under load
 def test_a_sentinel_deployment_keeps_serving_through_a_master_failover(
         tmp_path: Path, settings: Settings) -> None:
     with SentinelSet(tmp_path / "redis", password=DATA_PASSWORD,
@@ -62,15 +91,16 @@ def test_a_sentinel_deployment_keeps_serving_through_a_master_failover(
         promoted_at: list[float] = []
         killed_at = 0.0
 
+        def promoted() -> bool:
+            try:
+                return nodes.master_address()[1] != old_master.port
+            except AssertionError:  # no Sentinel answers just now
+                return False
+
         def watch_failover() -> None:
-            while time.monotonic() - killed_at < 60:
-                try:
-                    if nodes.master_address()[1] != old_master.port:
-                        promoted_at.append(time.monotonic())
-                        return
-                except AssertionError:
-                    pass
-                time.sleep(0.05)
+            with contextlib.suppress(AssertionError):  # never: promoted_at stays empty
+                wait_until(promoted, timeout=60, interval=0.05)
+                promoted_at.append(time.monotonic())
 
         started = time.monotonic()
         seq = 0
@@ -89,7 +119,7 @@ def test_a_sentinel_deployment_keeps_serving_through_a_master_failover(
             except BrokerUnavailable as exc:
                 refused[seq] = str(exc)
             seq += 1
-            time.sleep(0.02)
+            time.sleep(0.02)  # the producer's pace (one request per 20 ms), not a wait
         assert promoted_at, "the Sentinels never promoted the replica"
         failover_s = promoted_at[0] - killed_at
 
@@ -100,7 +130,13 @@ def test_a_sentinel_deployment_keeps_serving_through_a_master_failover(
         wait_until(lambda: all(executions(log)[s] for s in after), timeout=120,
                    what=lambda: f"{sum(1 for s in after if not executions(log)[s])} of "
                                 f"{len(after)} requests sent after the failover never ran")
-        time.sleep(3)  # what else comes back (redelivered, restored) comes back by now
+        # What else comes back (redelivered, restored) has come back once nothing waits and
+        # every request a worker holds has run. A request held by a worker that lost it when
+        # the connection dropped stays held until the visibility timeout, so this gives up
+        # waiting after 3 s (and what never came back is counted below) instead of failing.
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: settled(nodes, cluster.queues, log), timeout=3,
+                       interval=0.1)
         ran = executions(log)
         first_after = min(t for s, t in acked.items() if t > killed_at)
         before = [s for s, t in acked.items() if t <= killed_at]

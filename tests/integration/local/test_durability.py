@@ -57,7 +57,7 @@ with open(sent, "a") as out:
         line.update(at=time.time(), took=time.monotonic() - started)
         out.write(json.dumps(line) + "\\n")
         out.flush()
-        time.sleep(0.05 if not line["acked"] else 0.002)
+        time.sleep(0.05 if not line["acked"] else 0.002)  # the producer's pace, not a wait
         seq += 1
 """
 

@@ -6,6 +6,7 @@ it runs), never inferred from results.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -193,13 +194,16 @@ def test_backpressure_holds_the_batch_until_the_backlog_drains(
     try:
         # Then it stops sending once its GPUs are full
         wait_until(lambda: sent_lines(client, "bp") > 0, timeout=30)
-        time.sleep(1.0)  # time for it to have sent more, had it not been held back
+        # (no condition says "it sent no more": this second is the window in which a batch
+        # that was not held back would have sent the rest, the fault this test looks for)
+        time.sleep(1.0)
         held = queued(client)
         assert 0 < held <= 400 and run.poll() is None
         # When a consumer drains the queues, it goes on, and finishes
         while run.poll() is None:
             client.delete(*[f"shard-{i}" for i in range(64)])
-            time.sleep(0.05)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                run.wait(0.05)  # until it finishes, draining every 50 ms meanwhile
         summary = json.loads(run.communicate(timeout=30)[0].strip().splitlines()[-1])
     finally:
         run.kill()
