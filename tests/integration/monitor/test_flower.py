@@ -171,9 +171,12 @@ def test_a_routed_request_sent_through_flower_runs_on_its_entitys_gpu(
     assert reply.status == 200, reply.body
     task_id = reply.json()["task-id"]
     try:
-        # Then its result says it ran on the GPU that owns the entity's shard
-        result = flower.get(f"/api/task/result/{task_id}?timeout=30").json()
-        assert result["state"] == "SUCCESS", result
+        # Then its result says it ran on the GPU that owns the entity's shard (Flower's
+        # "state" is read before it waits for the result: ask until it says SUCCESS)
+        result = wait_until(
+            lambda: (r := flower.get(f"/api/task/result/{task_id}?timeout=30").json())[
+                "state"] == "SUCCESS" and r, timeout=60, interval=0.2,
+            what=lambda: flower.get(f"/api/task/result/{task_id}").body)
         assert result["result"]["queue"] == queue and result["result"]["gpu"] == owner
         # And Flower's task list has it (the workers send task events)
         wait_until(lambda: flower.get("/api/tasks").json().get(task_id, {}).get("state")
