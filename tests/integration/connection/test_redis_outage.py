@@ -289,6 +289,7 @@ HUNG_S = 8.0
 """Longer than the workers' lease (3 s): every lease runs out while Redis is frozen."""
 
 
+@pytest.mark.slow  # Redis frozen for 8 s under load
 def test_a_hung_redis_costs_no_device_state_and_nothing_runs_twice(
         deployment: tuple[RedisServer, LocalCluster], tmp_path: Path) -> None:
     server, cluster = deployment

@@ -15,6 +15,7 @@ from gpu_tasks.shardmap import Shard
 from tests.support.handoff import GPU, Producer, S, cli, other_gpu, owner_of, start_paused
 
 
+@pytest.mark.slow  # a kill -9 at each step, a cluster each
 @pytest.mark.parametrize("step", STEPS)
 def test_a_handoff_whose_driver_is_killed_at_any_step_is_finished_by_a_rerun(
         two_gpus: LocalCluster, step: str) -> None:

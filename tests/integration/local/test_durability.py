@@ -159,6 +159,7 @@ def deployment(tmp_path: Path, settings: Settings) -> Iterator[tuple[RedisServer
         yield running
 
 
+@pytest.mark.slow  # kill -9 of redis-server under load
 def test_kill_9_of_redis_loses_no_acknowledged_request(
         deployment: tuple[RedisServer, LocalCluster], tmp_path: Path) -> None:
     server, cluster = deployment

@@ -24,6 +24,10 @@ from gpu_tasks.redis_server import RedisServer
 from gpu_tasks.settings import Settings
 from tests.conftest import _spare_dbs, own_cluster
 
+# A few hundred cases against a private cluster; the last test counts what the first two ran,
+# so the module is marked as a whole.
+pytestmark = pytest.mark.slow
+
 GPUS = 2
 CI = hsettings.get_profile("ci")
 RAW_EXAMPLES = 80
