@@ -14,12 +14,14 @@ EXTRAS      ?= worker,ops,dev
 ARGS        ?=
 CHAOS_ARGS  ?=
 PYTEST_ARGS ?=
-# pytest-xdist processes. Most tests wait on workers, Redis and faults rather than compute, so
-# more processes than cores pay: on 2 cores 4 did best (README, "Tests"). Each process has its
-# own Redis, cluster and port range; --dist loadfile keeps a module's tests (and its
-# module-scoped clusters) in one process, in the order tests/conftest.py gives (longest first).
-PYTEST_WORKERS ?= 4
-PYTEST_XDIST = -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
+# pytest-xdist processes. Many tests wait on workers, Redis and faults rather than compute, so
+# more processes than cores pay: on 2 cores 4 did best for make test (its long fault tests
+# mostly wait) and 3 for make test-fast (README, "Tests"). Each process has its own Redis,
+# cluster and port range; --dist loadfile keeps a module's tests (and its module-scoped
+# clusters) in one process, in the order tests/conftest.py gives (longest first).
+PYTEST_WORKERS      ?= 4
+PYTEST_FAST_WORKERS ?= 3
+XDIST = --dist loadfile --no-loadscope-reorder
 
 .DEFAULT_GOAL := help
 .PHONY: help venv install run test test-fast lint typecheck bench chaos clean distclean
@@ -49,10 +51,10 @@ run: $(STAMP)
 	$(VENV)/bin/gpu-tasks up $(ARGS)
 
 test: lint typecheck
-	$(PY) -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest $(PYTEST_XDIST) -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_FAST_WORKERS) $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check gpu_tasks workers tests benchmarks examples ops
