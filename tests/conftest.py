@@ -43,7 +43,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def rank(item: pytest.Item) -> int:
         if item.path in slow:
             return 0
-        return 2 if "unit" in item.path.relative_to(REPO).parts[:2] else 1
+        return 2 if REPO / "tests" / "unit" in item.path.parents else 1
 
     items.sort(key=rank)
 
