@@ -1,5 +1,5 @@
 """The device tests of ``tests/unit/workers/device/test_device.py`` and the buffer ledger's of
-``tests/integration/workers/child/test_ledger_writer.py``, run on a real GPU via PyCUDA."""
+``tests.integration.workers.device.test_ledger_writer.py``, run on a real GPU via PyCUDA."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
 pytest.importorskip("pycuda")
 
-from tests.integration.workers.child.test_ledger_writer import *  # noqa: F403  (the same tests)
+from tests.integration.workers.device.test_ledger_writer import *  # noqa: F403  (the same tests)
 from tests.unit.workers.device.test_device import *  # noqa: F403  (the same tests, collected here)
 from workers.backend import Backend, create_backend
 
