@@ -4,6 +4,7 @@
 #   make run                  # stay up until Ctrl-C
 #   make run ARGS=--once      # exit after the demo (0 if it passed)
 #   make test PYTEST_ARGS='-k routing -x'
+#   make test-fast            # pytest alone, without the tests marked slow (about 2 minutes)
 
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -21,13 +22,22 @@ UV_EXTRAS   := $(foreach extra,$(subst $(comma), ,$(EXTRAS)),--extra $(extra))
 ARGS        ?=
 CHAOS_ARGS  ?=
 PYTEST_ARGS ?=
+# pytest-xdist processes. Many tests wait on workers, Redis and faults rather than compute, so
+# more processes than cores pay: on 2 cores 4 did best for make test (its long fault tests
+# mostly wait) and 3 for make test-fast (README, "Tests"). Each process has its own Redis,
+# cluster and port range; --dist loadfile keeps a module's tests (and its module-scoped
+# clusters) in one process, in the order tests/conftest.py gives (longest first).
+PYTEST_WORKERS      ?= 4
+PYTEST_FAST_WORKERS ?= 3
+XDIST = --dist loadfile --no-loadscope-reorder
 
 .DEFAULT_GOAL := help
-.PHONY: help venv install tools lock run test lint typecheck bench chaos clean distclean
+.PHONY: help venv install tools lock run test test-fast lint typecheck bench chaos clean distclean
 
 help:
 	@echo "make run [ARGS=--once]   start Redis, GPU workers, Flower and run the demo (gpu-tasks up)"
-	@echo "make test [PYTEST_ARGS=] ruff, mypy and pytest (what CI runs)"
+	@echo "make test [PYTEST_ARGS=] ruff, mypy and pytest, in parallel (what CI runs)"
+	@echo "make test-fast           pytest without the tests marked slow, in parallel (no lint)"
 	@echo "make lint | typecheck    ruff check | mypy alone"
 	@echo "make bench [BENCH_ARGS=] router, drain and end-to-end benchmarks; rewrites BENCHMARKS.md"
 	@echo "make chaos [CHAOS_ARGS=] fuzzing (10,000 cases) and faults; writes BENCHMARKS.md's Reliability"
@@ -64,7 +74,10 @@ run: $(STAMP)
 	$(VENV)/bin/gpu-tasks up $(ARGS)
 
 test: lint typecheck
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) $(XDIST) $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -n $(PYTEST_FAST_WORKERS) $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check gpu_tasks workers tests benchmarks examples ops

@@ -558,8 +558,9 @@ def scenario(root: Path, name: str, fault: str, gpus: int, **changes: Any
 
 
 def poison_messages(queue: str, entity: str) -> list[tuple[str, bytes]]:
-    """``(kind, raw bytes)``: the malformed messages ``tests/test_poison.py`` checks one by
-    one, and what fuzzing found, for ``queue`` (``entity``'s shard queue, or a GPU's)."""
+    """``(kind, raw bytes)``: the malformed messages
+    ``tests/integration/workers/consumer/test_poison.py`` checks one by one, and what fuzzing
+    found, for ``queue`` (``entity``'s shard queue, or a GPU's)."""
     task_id = str(uuid.uuid4())
 
     def envelope(**changes: Any) -> bytes:

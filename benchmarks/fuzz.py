@@ -1,8 +1,9 @@
 """Fuzzing GPU workers: hypothesis strategies over every built-in task's arguments and over
 raw queue bytes, and a runner that sends them to a real cluster and judges every answer.
 
-Used by ``tests/test_fuzz.py`` (a few hundred cases, hypothesis profile ``ci``) and by
-``benchmarks/chaos.py`` (``make chaos``: 10,000 examples and more, profile ``chaos``).
+Used by ``tests/integration/workers/test_fuzz.py`` (a few hundred cases, hypothesis profile
+``ci``) and by ``benchmarks/chaos.py`` (``make chaos``: 10,000 examples and more, profile
+``chaos``).
 
 A *case* is one request or one raw message. Each hypothesis example is a small batch of
 them: a few requests on one to three fresh entities (so that a write finds the buffer an

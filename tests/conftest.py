@@ -15,16 +15,48 @@ from typing import Any, TypeVar
 import pytest
 import redis
 
+import gpu_tasks.local.cluster
+import gpu_tasks.local.redis_server
 from gpu_tasks.local.cluster import LocalCluster
 from gpu_tasks.local.redis_server import RedisServer
 from gpu_tasks.settings import Settings
+from tests.support import ports
 
 NODE = "testnode"
 GPUS = 4
 SIM_MEMORY = 64 << 20
 REPO = Path(__file__).resolve().parent.parent
+VECTORS_FILE = REPO / "tests" / "data" / "routing-vectors.json"
+"""The contract's routing vectors (docs/PROTOCOL.md), checked with the reference C xxhsum."""
 DEFAULT_PORT = redis.Redis().connection_pool.connection_kwargs["port"]
 """Redis's standard port, where this machine's own Redis listens: tests must never use it."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest first: modules with a test marked ``slow``, then the other integration
+    modules, then the unit ones, each module's tests kept together and in order. With
+    ``--dist loadfile --no-loadscope-reorder`` (make test) pytest-xdist hands modules out in
+    this order, so the long ones start at once rather than last (its default puts the
+    modules with the most tests first: the quick, parametrized ones)."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+
+    def rank(item: pytest.Item) -> int:
+        if item.path in slow:
+            return 0
+        return 2 if REPO / "tests" / "unit" in item.path.parents else 1
+
+    items.sort(key=rank)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ports_of_this_test_process() -> Iterator[None]:
+    """Every server this test process starts (its session Redis, a cluster's Flower, the
+    servers of fault tests) takes its port from this process's own range: pytest-xdist
+    runs several of them at once (tests/support/ports.py)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gpu_tasks.local.redis_server, "free_port", ports.free_port)
+        patch.setattr(gpu_tasks.local.cluster, "free_port", ports.free_port)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -148,6 +180,20 @@ def entity_owned_by(client: redis.Redis, gpu: str, prefix: str, *,
         if shard_map.shards[index].owner == gpu and index not in not_in:
             return entity
     raise AssertionError(f"no entity of {gpu} found")
+
+
+def entity_on(cluster: LocalCluster, gpu: int, prefix: str) -> str:
+    """An entity id whose shard belongs to GPU ``gpu`` of ``cluster`` (node ``NODE``)."""
+    from gpu_tasks.control.shardmap import ShardMapStore
+    from gpu_tasks.protocol.routing import shard_index
+
+    shard_map = ShardMapStore(cluster.settings.redis_client()).load()
+    for i in range(10_000):
+        entity = f"{prefix}-{i}"
+        if shard_map.shards[shard_index(entity, shard_map.shard_count)].owner == (
+                f"gpu.{NODE}.{gpu}"):
+            return entity
+    raise AssertionError("no entity found")
 
 
 def kill_worker(cluster: LocalCluster, gpu: int) -> None:

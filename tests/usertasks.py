@@ -75,7 +75,7 @@ def record_file(gpu: Any, path: str, seq: int, seconds: float = 0.0) -> dict[str
 
 @gpu_task(name="tests.step")
 def step(gpu: Any, log: str, seq: int) -> dict[str, Any]:
-    """Step ``seq`` of the entity's history (tests/history.py): read its counter, write
+    """Step ``seq`` of the entity's history (tests/support/history.py): read its counter, write
     ``seq`` there, record ``<entity>:<seq>:<previous>``. A counter reported lost
     (``EntityStateLost``) is allocated again and recorded as previous -1."""
     from gpu_tasks.errors import EntityStateLost

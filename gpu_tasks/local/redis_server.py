@@ -22,6 +22,8 @@ from pathlib import Path
 from types import TracebackType
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from gpu_tasks.errors import RedisServerError
 
@@ -74,6 +76,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+PORT_ATTEMPTS = 5
+"""How many free ports a server whose port was not given tries before it gives up."""
+
+
+class _PortTaken(Exception):
+    """Another process bound the port between our look and the server's bind."""
+
+
+def _port_taken(log_path: Path, log_start: int, stderr: str) -> bool:
+    """Whether the server that just exited said its port was in use (in this start's part
+    of its log, or on stderr)."""
+    try:
+        with log_path.open("rb") as log:
+            log.seek(log_start)
+            text = log.read().decode(errors="replace")
+    except OSError:
+        text = ""
+    return "Address already in use" in text + stderr
+
+
 class RedisServer:
     """A ``redis-server`` process we started and will stop."""
 
@@ -83,6 +105,10 @@ class RedisServer:
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port or free_port()
+        self._may_move = port is None
+        """The port is ours to choose until the first start succeeds: free when we looked, it
+        may be taken before the server binds it (then another is tried); never after, since
+        clients and :meth:`restart` rely on it."""
         self.binary = binary or find_redis_server()
         self.process: subprocess.Popen[bytes] | None = None
         self.config = dict(DURABILITY)
@@ -100,7 +126,20 @@ class RedisServer:
         return self.data_dir / "redis.log"
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                self._start(timeout_s)
+                break
+            except _PortTaken as exc:
+                if attempt == PORT_ATTEMPTS:
+                    raise RedisServerError(str(exc)) from None
+                self.port = free_port()
+        self._may_move = False
+        return self
+
+    def _start(self, timeout_s: float) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         args = [
             self.binary,
             "--bind",
@@ -120,12 +159,18 @@ class RedisServer:
         self.process = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.2)
+        # A read timeout, and no retries: what listens on the port may be another process
+        # that never answers (then this server exits, unable to bind it).
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.2,
+                             socket_timeout=1.0, retry=Retry(NoBackoff(), 0))
         deadline = time.monotonic() + timeout_s
         while True:
             if self.process.poll() is not None:
                 err = self.process.stderr.read().decode() if self.process.stderr else ""
                 log_tail = self.log_path.read_text()[-2000:] if self.log_path.exists() else ""
+                if self._may_move and _port_taken(self.log_path, log_start, err):
+                    raise _PortTaken(f"redis-server could not bind port {self.port}: "
+                                     f"{err or log_tail}")
                 raise RedisServerError(
                     f"redis-server exited with {self.process.returncode} "
                     f"on port {self.port}: {err or log_tail}"
@@ -135,7 +180,7 @@ class RedisServer:
                 # AOF loading answers LOADING to commands other than PING: check both.
                 info = client.info()
                 if info.get("process_id") == self.process.pid and not info.get("loading"):
-                    return self
+                    return
             except redis.RedisError:
                 pass
             if time.monotonic() > deadline:

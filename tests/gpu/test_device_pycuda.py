@@ -1,4 +1,5 @@
-"""The device tests of ``tests/workers/test_device.py``, run on a real GPU via PyCUDA."""
+"""The device tests of ``tests/unit/workers/device/test_device.py`` and the buffer ledger's of
+``tests.integration.workers.device.test_ledger_writer.py``, run on a real GPU via PyCUDA."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
 pytest.importorskip("pycuda")
 
-from tests.workers.test_device import *  # noqa: F403  (the same tests, collected here)
+from tests.integration.workers.device.test_ledger_writer import *  # noqa: F403  (the same tests)
+from tests.unit.workers.device.test_device import *  # noqa: F403  (the same tests, collected here)
 from workers.device.base import Backend
 from workers.device.registry import create_backend
 
