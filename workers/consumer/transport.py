@@ -16,8 +16,8 @@ A GPU worker consumes one queue per shard it owns (1024 on a one-GPU host), so:
   at shutdown) goes back to the head of its queue, not the tail: a shard's order is
   its entities' order.
 - **Poison is dead-lettered, never decoded.** Each popped message is checked as raw bytes
-  (:func:`gpu_tasks.control.deadletter.check_message`) before kombu parses it: what would end the
-  worker, loop it, or be unpickled / decompressed goes to the dead letters with the
+  (:func:`gpu_tasks.protocol.checks.check_message`) before kombu parses it: what would end
+  the worker, loop it, or be unpickled / decompressed goes to the dead letters with the
   reason, and the worker goes on. So does a request whose execution ended the pool child
   ``max_child_deaths`` times. A good message costs a size check, its envelope parsed once
   (kombu's own parse, done here instead), a few dict lookups, its body's base64 decoded
@@ -45,14 +45,9 @@ from kombu.utils.json import loads as kombu_loads
 
 from gpu_tasks import settings as _settings
 from gpu_tasks.connection.broker import EverySentinel
-from gpu_tasks.control.deadletter import (
-    Checked,
-    DeadLetter,
-    DeadLetterStore,
-    HeldLetters,
-    check_message,
-)
+from gpu_tasks.control.deadletter import DeadLetter, DeadLetterStore, HeldLetters
 from gpu_tasks.errors import ConfigError
+from gpu_tasks.protocol.checks import Checked, check_message
 from gpu_tasks.protocol.unacked import SOURCE, mark_redelivered, source_queue
 from gpu_tasks.redisurl import redacted_url
 from gpu_tasks.settings import Settings

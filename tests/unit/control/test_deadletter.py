@@ -3,7 +3,8 @@ keeps the raw bytes it was given."""
 
 from __future__ import annotations
 
-from gpu_tasks.control.deadletter import DeadLetter, check_message
+from gpu_tasks.control.deadletter import DeadLetter
+from gpu_tasks.protocol.checks import check_message
 from tests.support.messages import raw_task_message
 
 
