@@ -36,8 +36,14 @@ from gpu_tasks.connection.broker import (
 from gpu_tasks.connection.results import ResultBackend, SentinelResultBackend
 from gpu_tasks.control.shardmap import ShardMapStore
 from gpu_tasks.errors import BrokerUnavailable, RoutingError, ShardMapError
-from gpu_tasks.protocol.arguments import checked_arguments
+from gpu_tasks.protocol.arguments import check_shapes, checked_arguments
 from gpu_tasks.protocol.envelope import plain_kwargs
+from gpu_tasks.protocol.limits import (
+    LIMIT_NAMES,
+    delay_problem,
+    seconds_until,
+    time_limit_problem,
+)
 from gpu_tasks.protocol.routing import EntityRouter
 from gpu_tasks.settings import Settings
 
@@ -86,8 +92,8 @@ class GpuCelery(Celery):  # type: ignore[misc]
         # 60 us and nothing reads it: the message goes to the queue's list directly
         # (exchange ""), and workers declare what they consume.
         options.setdefault("declare", ())
-        if options.get("countdown") is not None or options.get("eta") is not None:
-            _check_delay(name, options.get("countdown"), options.get("eta"))
+        check_shapes(name, args, kwargs)
+        _check_options(name, options)
         try:
             return super().send_task(name, args, kwargs, **options)
         except BrokerUnavailable:
@@ -101,31 +107,34 @@ class GpuCelery(Celery):  # type: ignore[misc]
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
-def _check_delay(name: str, countdown: Any, eta: Any) -> None:
-    """Refuse a ``countdown``/``eta`` that reaches past the visibility timeout: the worker
-    holds such a message unacknowledged until it is due, and Redis hands it to a second
-    worker once the visibility timeout has passed, so it would run twice."""
+def _check_options(name: str, options: dict[str, Any]) -> None:
+    """Refuse time limits and delays a GPU worker could not honour (:mod:`gpu_tasks.protocol.
+    limits`): nothing is enqueued."""
     limit_s = _settings.current().visibility_timeout_s
+    for option in LIMIT_NAMES:
+        problem = time_limit_problem(option, options.get(option), limit_s)
+        if problem:
+            raise RoutingError(f"task {name}: {problem}; nothing was enqueued")
+    countdown: Any = options.get("countdown")
+    eta: Any = options.get("eta")
+    if eta is None and countdown is None:
+        return
+    delay_s: float
     if eta is not None:
         when = datetime.datetime.fromisoformat(eta) if isinstance(eta, str) else eta
         if not isinstance(when, datetime.datetime):
             raise RoutingError(f"task {name}: eta must be a datetime or ISO 8601 text, got "
                                f"{eta!r}; nothing was enqueued")
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=datetime.timezone.utc)
-        delay_s = (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+        delay_s = seconds_until(when)
     else:
         try:
             delay_s = float(countdown)
         except (TypeError, ValueError):
             raise RoutingError(f"task {name}: countdown must be a number of seconds, got "
                                f"{countdown!r}; nothing was enqueued") from None
-    if delay_s >= limit_s:
-        raise RoutingError(
-            f"task {name}: a delay of {delay_s:.0f} s reaches past the visibility timeout "
-            f"({limit_s:g} s, GPU_TASKS_VISIBILITY_TIMEOUT_S), after which Redis would hand "
-            "the waiting request to a second worker and it would run twice; schedule it "
-            "nearer (e.g. from cron or beat); nothing was enqueued")
+    problem = delay_problem(delay_s, limit_s)
+    if problem:
+        raise RoutingError(f"task {name}: {problem}; nothing was enqueued")
 
 
 app = GpuCelery("gpu_tasks")

@@ -111,7 +111,8 @@ def run_worker(
     )
     # What the transport accepts; app.tasks is the live registry (users' imports included).
     install_guard(Guard(max_bytes=settings.max_message_bytes, max_nesting=settings.max_nesting,
-                        max_child_deaths=settings.max_child_deaths, tasks=app.tasks))
+                        max_child_deaths=settings.max_child_deaths,
+                        visibility_timeout_s=settings.visibility_timeout_s, tasks=app.tasks))
     app.steps["consumer"].add(bootstep(consumption))
     control.install()
     install_executor(executor.execute, executor.after_task)

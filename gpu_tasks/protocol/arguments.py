@@ -8,7 +8,7 @@ Python's ``TypeError`` from binding names the offending field only in its text; 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from gpu_tasks.errors import BadArguments
@@ -34,3 +34,17 @@ def checked_arguments(check: Callable[..., Any]) -> Callable[..., Any]:
             raise bad_arguments(exc, "; nothing was enqueued") from None
 
     return checked
+
+
+def check_shapes(name: str, args: Any, kwargs: Any) -> None:
+    """Refuse ``args`` that are not a list or tuple and ``kwargs`` that are not a mapping
+    (``apply_async(kwargs=[1, 2])``), naming the field, before anything is built from them:
+    Celery itself fails there with a bare ``TypeError`` (or, through ``send_task``, sends a
+    message no worker can run)."""
+    if args is not None and not isinstance(args, list | tuple):
+        raise BadArguments(f"bad arguments: {name}: args must be a list, got "
+                           f"{type(args).__name__}; nothing was enqueued", "args")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise BadArguments(f"bad arguments: {name}: kwargs must be an object (a dict) of "
+                           f"keyword arguments, got {type(kwargs).__name__}; nothing was "
+                           "enqueued", "kwargs")

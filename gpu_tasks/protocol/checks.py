@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -20,6 +21,12 @@ from typing import Any, NamedTuple
 from celery.utils.time import maybe_iso8601
 
 from gpu_tasks.errors import shown
+from gpu_tasks.protocol.limits import (
+    LIMIT_NAMES,
+    delay_problem,
+    seconds_until,
+    time_limit_problem,
+)
 
 CONTENT_TYPE = "application/json"
 CONTENT_ENCODINGS = frozenset({"utf-8", "utf8"})
@@ -81,11 +88,14 @@ class Checked(NamedTuple):
 
 
 def check_message(raw: bytes, *, max_bytes: int, max_nesting: int, tasks: Any = None,
-                  loads: Callable[[str], Any] = json.loads) -> Checked:
+                  loads: Callable[[str], Any] = json.loads,
+                  visibility_timeout_s: float = math.inf) -> Checked:
     """Whether ``raw`` is a message a GPU worker may hand to Celery (``reason`` empty), or
     why not. ``tasks``: the registered task names (anything with ``in``), or None to accept
     any name; ``loads``: the JSON parser (the worker passes kombu's, which Celery would
-    use, so that the parsed envelope and body are exactly what Celery would get).
+    use, so that the parsed envelope and body are exactly what Celery would get);
+    ``visibility_timeout_s``: what time limits and delays must stay under
+    (:mod:`gpu_tasks.protocol.limits`).
 
     Checks only what Celery would otherwise choke on (the worker would die or loop) or
     what must never be decoded; the request's own fields are the task's business."""
@@ -110,7 +120,7 @@ def check_message(raw: bytes, *, max_bytes: int, max_nesting: int, tasks: Any = 
     if value_depth_exceeds(payload, max_nesting):
         return Checked(payload, f"message nests deeper than {max_nesting} levels "
                                 "(GPU_TASKS_MAX_NESTING)")
-    reason = _envelope_problem(payload, tasks)
+    reason = _envelope_problem(payload, tasks, visibility_timeout_s)
     if reason:
         return Checked(payload, reason)
     try:
@@ -146,7 +156,7 @@ def _embed_problem(embed: dict[str, Any]) -> str:
     return ""
 
 
-def _envelope_problem(payload: dict[str, Any], tasks: Any) -> str:
+def _envelope_problem(payload: dict[str, Any], tasks: Any, visibility_timeout_s: float) -> str:
     headers, properties = payload.get("headers"), payload.get("properties")
     if not isinstance(headers, dict):
         return "no headers object (Celery protocol 1 or not Celery)"
@@ -177,17 +187,22 @@ def _envelope_problem(payload: dict[str, Any], tasks: Any) -> str:
         return f"compressed body ({headers['compression']!r}): compression is refused"
     if not isinstance(payload.get("body"), str):
         return "body is not a base64 string"
-    return _header_problem(headers)
+    return _header_problem(headers, visibility_timeout_s)
 
 
-def _header_problem(headers: dict[str, Any]) -> str:
+def _header_problem(headers: dict[str, Any], visibility_timeout_s: float) -> str:
     """Headers Celery's main process parses: a wrong type there raises outside any handler
-    and ends the worker."""
+    and ends the worker; limits and delays a worker cannot honour
+    (:mod:`gpu_tasks.protocol.limits`)."""
     limit = headers.get("timelimit")
     if not (limit is None or (isinstance(limit, list | tuple) and len(limit) == 2
                               and all(_optional(t, int, float) and not isinstance(t, bool)
                                       for t in limit))):
-        return f"headers.timelimit {limit!r} is not [soft, hard] (numbers or null)"
+        return f"headers.timelimit {limit!r} is not [hard, soft] (numbers or null)"
+    for name, value in zip(LIMIT_NAMES, limit or (None, None), strict=True):
+        problem = time_limit_problem(name, value, visibility_timeout_s)
+        if problem:
+            return f"headers.timelimit: {problem}"
     for name in ("eta", "expires"):
         value = headers.get(name)
         if value is None:
@@ -200,6 +215,10 @@ def _header_problem(headers: dict[str, Any]) -> str:
             when = None
         if when is None:
             return f"headers.{name} {shown(value)} is not an ISO 8601 date or null"
+        if name == "eta":
+            problem = delay_problem(seconds_until(when), visibility_timeout_s)
+            if problem:
+                return f"headers.eta: {problem}"
     if not _optional(headers.get("ignore_result"), bool):
         # Celery takes any truthy value for "store no result": a producer that sent junk
         # there would wait for an answer that never comes.

@@ -38,6 +38,7 @@ from celery import Task
 
 from gpu_tasks.celeryapp import app
 from gpu_tasks.errors import BadArguments, DeviceError
+from gpu_tasks.protocol.arguments import check_shapes
 from gpu_tasks.protocol.routing import ENTITY_KWARG, QUEUE_ADDRESSED_TASK_NAMES, ROUTED_TASK_NAMES
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -75,6 +76,12 @@ class _AfterTask:
         if "self" in kwargs:
             raise BadArguments(f"bad arguments: {self.name} takes no argument 'self'", "self")
         return super().__call__(*args, **kwargs)  # type: ignore[misc]
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        # Celery's own check unpacks kwargs before any of ours runs: a list there would be a
+        # bare TypeError (and an HTTP 500 through Flower) instead of BadArguments.
+        check_shapes(self.name, args, kwargs)
+        return super().apply_async(args, kwargs, **options)  # type: ignore[misc]
 
     def after_return(self, *args: Any, **kwargs: Any) -> None:
         if _after_task is not None:

@@ -61,12 +61,15 @@ class Guard:
     max_bytes: int = 16 << 20
     max_nesting: int = 64
     max_child_deaths: int = 3
+    visibility_timeout_s: float = 3600.0
+    """Time limits and delays must stay under it (gpu_tasks.protocol.limits)."""
     tasks: Any = None
     """Registered task names (anything with ``in``); None accepts any name."""
 
     def check(self, raw: bytes) -> Checked:
         return check_message(raw, max_bytes=self.max_bytes, max_nesting=self.max_nesting,
-                             tasks=self.tasks, loads=kombu_loads)
+                             tasks=self.tasks, loads=kombu_loads,
+                             visibility_timeout_s=self.visibility_timeout_s)
 
 
 _guard = Guard()
