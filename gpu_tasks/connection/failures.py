@@ -3,10 +3,10 @@
 A Redis error seldom says it all at its top: kombu wraps redis-py's errors, redis-py's
 retries chain one attempt's error to the next, and the socket or TLS error that says why
 sits some links down. :func:`describe` walks the chain once and says what happened: the
-login was refused, a command was refused to this user (its ACL), Redis did not answer in
-time, or it could not be reached; and whether TLS could not verify the server. The
-producers' ``BrokerUnavailable`` (:mod:`gpu_tasks.connection.broker`) and the CLI's
-one-line errors word it for their readers; :func:`check_login` is the check that Flower
+login was refused, a command was refused to this user (its ACL), Redis is out of memory,
+it did not answer in time, or it could not be reached; and whether TLS could not verify
+the server. The producers' ``BrokerUnavailable`` (:mod:`gpu_tasks.connection.broker`) and
+the CLI's one-line errors word it for their readers; :func:`check_login` is the check that Flower
 and the exporter make before they serve.
 """
 
@@ -18,7 +18,7 @@ from typing import Literal
 
 import redis
 
-Kind = Literal["login", "permission", "timeout", "unreachable"]
+Kind = Literal["login", "permission", "memory", "timeout", "unreachable"]
 
 
 def causes(exc: BaseException) -> list[BaseException]:
@@ -37,8 +37,9 @@ class RedisFailure:
     """What a Redis error says, read from every link of its chain."""
 
     kind: Kind
-    """``login`` refused, a command refused to this user (``permission``), no answer in
-    time (``timeout``), or not reached at all (``unreachable``), in that precedence."""
+    """``login`` refused, a command refused to this user (``permission``), a write refused
+    at ``maxmemory`` (``memory``), no answer in time (``timeout``), or not reached at all
+    (``unreachable``), in that precedence."""
     cause: BaseException
     """The link that says most: the first Redis or socket error (kombu's wrappers and
     retry internals say less), else the error itself."""
@@ -53,6 +54,10 @@ class RedisFailure:
         if self.kind == "permission":
             return (f"Redis at {shown} refused a command to this user (its ACL; "
                     "ops/redis-users.acl has what gpu-tasks needs)")
+        if self.kind == "memory":
+            return (f"Redis at {shown} is out of memory: it refuses writes at its maxmemory "
+                    "until memory is freed (results expire, queues drain) or maxmemory is "
+                    "raised")
         if self.kind == "timeout":
             return (f"Redis at {shown} did not answer within {timeout_s:g} s "
                     "(GPU_TASKS_REDIS_TIMEOUT_S)")
@@ -67,6 +72,9 @@ def describe(exc: BaseException) -> RedisFailure:
         kind = "login"
     elif any(isinstance(e, redis.exceptions.NoPermissionError) for e in chain):
         kind = "permission"
+    elif any(isinstance(e, redis.exceptions.OutOfMemoryError)
+             or str(e).startswith("OOM command not allowed") for e in chain):
+        kind = "memory"
     elif any(isinstance(e, (TimeoutError, redis.TimeoutError)) or "timed out" in str(e)
              for e in chain):
         kind = "timeout"

@@ -116,3 +116,26 @@ def test_settings_never_show_the_url_with_its_password() -> None:
     settings = Settings(redis_url="redis://:s3cret@h/0")
     assert "s3cret" not in repr(settings)
     assert settings.redis_url_shown == "redis://:***@h/0"
+
+
+def test_a_redis_out_of_memory_is_said_first_not_unavailable() -> None:
+    import redis
+    from kombu.exceptions import OperationalError
+
+    from gpu_tasks.connection.broker import broker_unavailable
+
+    # Given the error kombu raises when Redis refuses a publish at maxmemory
+    try:
+        try:
+            raise redis.exceptions.OutOfMemoryError(
+                "OOM command not allowed when used memory > 'maxmemory'.")
+        except redis.RedisError as exc:
+            raise OperationalError("publish failed") from exc
+    except OperationalError as wrapped:
+        error = broker_unavailable("cannot send gpu_tasks.alloc",
+                                   "redis://:secret@127.0.0.1:7/0", wrapped)
+    # Then the producer reads that Redis is out of memory, first, and why
+    assert str(error).startswith("cannot send gpu_tasks.alloc: Redis at "
+                                 "redis://:***@127.0.0.1:7/0 is out of memory")
+    assert "OutOfMemoryError: OOM command not allowed" in str(error)
+    assert "secret" not in str(error) and "unavailable" not in str(error)
