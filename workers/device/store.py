@@ -157,10 +157,17 @@ class BufferStore:
         if lost is None and self.ledger is not None:  # a miss: the rare path may ask Redis
             lost = self.ledger.lookup(self.shard_of(entity_id), entity_id, name)
         if lost is not None:
-            gpu = lost.gpu or (self.ledger.gpu if self.ledger is not None else "this GPU")
+            here = self.ledger.gpu if self.ledger is not None else "this GPU"
+            gpu = lost.gpu or here
+            # Generations count per GPU: name the GPU of each number when the buffer was
+            # lost on another one (a failed-over shard), never mix them in one phrase.
+            generations = (f"generation {lost.generation}; now generation {self.generation}"
+                           if gpu == here else
+                           f"{gpu}'s generation {lost.generation}; {here} is at generation "
+                           f"{self.generation}")
             raise EntityStateLost(
                 f"buffer {name!r} of entity {entity_id!r} on {gpu} was lost {lost.why} "
-                f"(generation {lost.generation}; now generation {self.generation}, at "
+                f"({generations}, at "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(lost.at))} UTC); allocate "
                 "it again",
                 lost.generation, self.generation, entity_id, name, gpu, lost.at, lost.why,

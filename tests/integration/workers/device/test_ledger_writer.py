@@ -59,3 +59,24 @@ def test_the_next_process_knows_what_the_last_one_held_and_why_it_ended(
     fourth = BufferStore(backend, generation=4, ledger=ledger)
     with pytest.raises(NoSuchBuffer):
         fourth.get("e", "x")
+
+
+def test_a_loss_on_another_gpu_names_each_gpus_generation(
+        backend: Backend, spare_url: str) -> None:
+    # Given a buffer lost on GPU 0 at its generation 10 (its shard then failed over)
+    client = redis.Redis.from_url(spare_url)
+    old = BufferLedger(client, "gpu.unit.0")
+    first = BufferStore(backend, generation=10, ledger=old)
+    put(first, "x", np.ones(4, np.float32))
+    from gpu_tasks.control import bufferledger
+
+    assert bufferledger.retire(client, "gpu.unit.0", "when the GPU was failed over (a test)")
+    # When GPU 1, at its own generation 4, is asked for it
+    here = BufferStore(backend, generation=4, ledger=BufferLedger(client, "gpu.unit.1"))
+    with pytest.raises(EntityStateLost) as lost:
+        here.get("e", "x")
+    # Then each generation number is named with its GPU, never "now generation 4" for GPU 0
+    text = str(lost.value)
+    assert "on gpu.unit.0 was lost when the GPU was failed over (a test)" in text
+    assert "(gpu.unit.0's generation 10; gpu.unit.1 is at generation 4, at " in text
+    assert "now generation" not in text
