@@ -15,17 +15,40 @@ from typing import Any
 import redis
 import redis.sentinel
 from kombu.transport import redis as kombu_redis
+from kombu.utils.json import dumps as kombu_dumps
 
 from gpu_tasks import settings as _settings
 from gpu_tasks.connection.failures import describe
-from gpu_tasks.errors import BrokerUnavailable
+from gpu_tasks.errors import BrokerUnavailable, RoutingError
 from gpu_tasks.redisurl import one_attempt, redacted_url, sentinel_login
 
 
 class ProducerChannel(kombu_redis.Channel):  # type: ignore[misc]
-    """kombu's Redis channel, reusing one client per connection pool for publishing."""
+    """kombu's Redis channel, reusing one client per connection pool for publishing, and
+    refusing a message no GPU worker would take."""
 
     _publish_client: Any = None
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        # Every send goes through here (apply_async, send_task, Flower, beat), and here the
+        # message's final bytes exist: kombu would make the same ones. One over
+        # GPU_TASKS_MAX_MESSAGE would be dead-lettered by the worker; refuse it now, so
+        # that its producer hears at once and nothing is enqueued.
+        raw = kombu_dumps(message).encode("utf-8")
+        limit = _settings.current().max_message_bytes
+        if len(raw) > limit:
+            headers = message.get("headers") or {}
+            raise RoutingError(
+                f"task {headers.get('task')}: the message is {len(raw)} bytes, over the "
+                f"{limit}-byte limit (GPU_TASKS_MAX_MESSAGE) GPU workers take; send large "
+                "data in parts (write with offset) or raise the limit; nothing was enqueued")
+        if kwargs.get("_publish_batch") is not None or (self._expires and queue in
+                                                         self._expires):
+            super()._put(queue, message, **kwargs)  # kombu's rarer paths, as they are
+            return
+        with self.conn_or_acquire() as client:
+            client.lpush(self._q_for_pri(queue, self._get_message_priority(
+                message, reverse=False)), raw)
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:

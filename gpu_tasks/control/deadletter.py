@@ -26,7 +26,7 @@ import redis
 from gpu_tasks.control import scripts
 from gpu_tasks.errors import DeadLetterError
 from gpu_tasks.keys import DEATHS_KEY, DLQ_KEY
-from gpu_tasks.protocol.checks import check_message
+from gpu_tasks.protocol.checks import check_message, ids_in_raw
 
 MAX_ENTRIES = 1000
 """About how many dead letters are kept (the oldest go first): at most
@@ -61,6 +61,8 @@ class DeadLetter:
         if isinstance(headers, dict):
             task_id = headers.get("id") if isinstance(headers.get("id"), str) else None
             task = headers.get("task") if isinstance(headers.get("task"), str) else None
+        elif payload is None:  # not parsed (too large, not JSON): read its bytes for them
+            task_id, task = ids_in_raw(raw)
         kept = raw[:RAW_CAP_BYTES]
         return cls(reason=reason, queue=queue, raw_b64=base64.b64encode(kept).decode("ascii"),
                    raw_bytes=len(raw), truncated=len(kept) < len(raw), task_id=task_id,

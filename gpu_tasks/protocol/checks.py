@@ -239,3 +239,23 @@ def _header_problem(headers: dict[str, Any], visibility_timeout_s: float) -> str
         if not (value is None or (isinstance(value, int) and not isinstance(value, bool))):
             return f"headers.{name} {value!r} is not an integer or null"
     return ""
+
+
+_HEADERS = re.compile(rb'"headers"\s*:\s*\{')
+_HEADER_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,256})"')
+_HEADER_TASK = re.compile(rb'"task"\s*:\s*"([^"\\]{1,256})"')
+
+
+def ids_in_raw(raw: bytes) -> tuple[str | None, str | None]:
+    """``(task id, task name)`` read from the headers of a message too large (or too broken)
+    to parse, wherever they sit in its bytes (kombu writes the body first, so in a large
+    message the headers come after megabytes of it): so a refused request is still answered
+    under its id. ``(None, None)`` where there are none."""
+    task_id = task = None
+    for found in _HEADERS.finditer(raw):  # the last "headers" object is the envelope's
+        rest = raw[found.end():found.end() + (64 << 10)]
+        id_match, task_match = _HEADER_ID.search(rest), _HEADER_TASK.search(rest)
+        if id_match:
+            task_id = id_match.group(1).decode("utf-8", "replace")
+            task = task_match.group(1).decode("utf-8", "replace") if task_match else None
+    return task_id, task

@@ -348,3 +348,19 @@ def test_a_dead_letter_redis_refuses_is_held_and_stored_once_redis_takes_writes(
                 timeout=TIMEOUT)["gpu"] == GPU
     finally:
         server.stop()
+
+
+def test_an_oversized_request_is_answered_under_its_id(poisoned: LocalCluster) -> None:
+    from gpu_tasks.app import app
+
+    # Given a raw producer's write over the worker's GPU_TASKS_MAX_MESSAGE, its headers
+    # after megabytes of body (as kombu writes them), so past the 64 KiB a dead letter keeps
+    entity, shard = entity_of_shard("poison-big", poisoned.settings.shard_count)
+    task_id, raw = raw_task_message("gpu_tasks.write", {
+        "entity_id": entity, "name": "x", "values": [1.0] * (MAX_MESSAGE // 4)}, shard)
+    assert len(raw) > MAX_MESSAGE and raw.index('"headers"') > 64 << 10
+    # When it is pushed onto its shard queue
+    client_of(poisoned).lpush(shard, raw)
+    # Then its producer hears at once that it was too large, under its own task id
+    with pytest.raises(DeadLettered, match=r"over the .*GPU_TASKS_MAX_MESSAGE"):
+        app.AsyncResult(task_id).get(timeout=TIMEOUT)
