@@ -78,6 +78,10 @@ class _UpShown:
     def watching(self, cluster: LocalCluster) -> None:
         console.print("up: Ctrl-C or SIGTERM stops everything")
 
+    def let_go(self, cluster: LocalCluster, name: str) -> None:
+        console.print(f"up: {name} exited: another worker took its GPU's lease and serves "
+                      "it now; the rest stay up")
+
     def stopping(self, cluster: LocalCluster) -> None:
         console.print("stopping ...")
 

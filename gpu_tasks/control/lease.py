@@ -37,6 +37,11 @@ from gpu_tasks.control import scripts
 from gpu_tasks.errors import LeaseHeld
 from gpu_tasks.keys import LEASE_KEY, LEASES_KEY, META_KEY, SEEN_KEY
 
+EXIT_LEASE_LOST = 3
+"""Exit status of a worker whose GPU lease another worker took over: that one serves the
+GPU now, so a supervisor lets this one go instead of restarting it against the holder (the
+systemd units say RestartPreventExitStatus=3)."""
+
 log = logging.getLogger(__name__)
 
 

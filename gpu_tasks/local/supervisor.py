@@ -4,8 +4,9 @@
 is configured, a worker per GPU, Flower) under a :class:`Supervisor`, and any other
 command that keeps this host's processes up is to share it. The supervisor starts the
 cluster, runs what its caller wants once it serves (``up``: the demo), then watches it: a
-worker that exits ends the run with the tail of its log, SIGTERM or SIGINT ends it
-quietly. However the run ends, everything the cluster started is stopped. What happens is
+worker that exits ends the run with the tail of its log, except one whose GPU's lease
+another worker took over (it is let go: that one serves the GPU); SIGTERM or SIGINT ends
+it quietly. However the run ends, everything the cluster started is stopped. What happens is
 told to a :class:`Listener`: the CLI prints it, a test may record it.
 """
 
@@ -16,6 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
+from gpu_tasks.control.lease import EXIT_LEASE_LOST
 from gpu_tasks.errors import GpuTasksError
 from gpu_tasks.local.cluster import LocalCluster, gpu_tasks_command
 from gpu_tasks.local.gpus import count_gpus, resolve_backend
@@ -38,6 +40,10 @@ class Listener(Protocol):
     def watching(self, cluster: LocalCluster) -> None:
         """Up until a signal, or until a worker exits."""
 
+    def let_go(self, cluster: LocalCluster, name: str) -> None:
+        """Worker ``name`` exited because another worker took its GPU's lease: the run goes
+        on without it (the other serves the GPU)."""
+
     def stopping(self, cluster: LocalCluster) -> None:
         """A signal came: everything stops now."""
 
@@ -55,6 +61,9 @@ class Silent:
         pass
 
     def watching(self, cluster: LocalCluster) -> None:
+        pass
+
+    def let_go(self, cluster: LocalCluster, name: str) -> None:
         pass
 
     def stopping(self, cluster: LocalCluster) -> None:
@@ -122,9 +131,16 @@ class Supervisor:
     def watch(self, stop: threading.Event) -> None:
         """Until ``stop`` is set; :class:`GpuTasksError` once a worker has exited."""
         while True:
-            for proc in self.cluster.workers:
-                if not proc.alive():
-                    raise GpuTasksError(
-                        f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}")
+            for proc in list(self.cluster.workers):
+                if proc.alive():
+                    continue
+                if proc.popen.returncode == EXIT_LEASE_LOST:
+                    # Another worker took this GPU's lease and serves it: stopping the rest
+                    # (Redis included) would leave that one without a Redis.
+                    self.cluster.workers.remove(proc)
+                    self.listener.let_go(self.cluster, proc.name)
+                    continue
+                raise GpuTasksError(
+                    f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}")
             if stop.wait(self.poll_s):
                 return

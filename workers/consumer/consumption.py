@@ -41,7 +41,7 @@ from celery.worker.consumer import Consumer
 from vine import promise
 
 from gpu_tasks.control.fleet import FleetRegistry
-from gpu_tasks.control.lease import Holder, LeaseStore, Renewal
+from gpu_tasks.control.lease import EXIT_LEASE_LOST, Holder, LeaseStore, Renewal
 from gpu_tasks.control.shardmap import ShardMapStore
 from gpu_tasks.errors import ShardMapError
 from gpu_tasks.protocol.routing import shard_name
@@ -53,8 +53,6 @@ from workers.consumer.ownership import OwnershipTable
 
 log = logging.getLogger(__name__)
 
-EXIT_LEASE_LOST = 3
-"""Exit status of a worker whose GPU lease was taken over by another worker."""
 
 
 class Consumption:
