@@ -66,7 +66,10 @@ class _UpShown:
                       + " ...")
 
     def started(self, cluster: LocalCluster) -> None:
-        console.print(f"Redis:   {cluster.settings.redis_url_shown}")
+        console.print(f"Redis:   {cluster.settings.redis_url_shown}"
+                      + (f" (its URL with the password, for your other shells: "
+                         f"{cluster.redis_url_file})" if cluster.redis_url_file else ""),
+                      soft_wrap=True, markup=False)
         console.print(f"Workers: {', '.join(cluster.queues)} (logs in {cluster.log_dir})")
         if cluster.flower_url and cluster.flower_auth:
             # Where the credentials are, never the password itself (terminals and CI

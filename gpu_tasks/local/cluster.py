@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -70,6 +71,41 @@ def gpu_tasks_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "gpu_tasks.cli", *args]
 
 
+REDIS_PASSWORD_FILE = "redis-password"
+"""The embedded Redis's password, made on the first run and kept (mode 0600) beside its data."""
+REDIS_URL_FILE = "redis-url"
+"""The embedded Redis's URL with that password (mode 0600)."""
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` created if need be and readable by this user only (0700): it holds Flower's
+    task history, the AOF files and the logs, which hold requests' arguments and results."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def write_private(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path``, readable by this user only, whatever its mode was."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(text)
+    return path
+
+
+def secret(path: Path) -> str:
+    """The password kept in ``path``, made (and kept, mode 0600) if there is none yet: the
+    same across runs on the same data directory."""
+    if path.exists():
+        kept = path.read_text().strip()
+        if kept:
+            return kept
+    password = secrets.token_urlsafe(24)
+    write_private(path, password + "\n")
+    return password
+
+
 class LocalCluster:
     """Redis (embedded unless ``settings.redis_url`` is set), GPU workers and Flower."""
 
@@ -102,6 +138,9 @@ class LocalCluster:
         self.flower_credentials_file: Path | None = None
         self.log_dir = Path(log_dir or Path(settings.data_dir) / "logs").resolve()
         self.redis: RedisServer | None = None
+        self.redis_url_file: Path | None = None
+        """Where the embedded Redis's URL, with its password, is (mode 0600): for a user's
+        other shells (``export GPU_TASKS_REDIS_URL=$(cat ...)``); never printed."""
         self.workers: list[Process] = []
         self.flower: Process | None = None
 
@@ -118,10 +157,15 @@ class LocalCluster:
 
     def start(self, timeout_s: float = 60.0) -> LocalCluster:
         try:
+            private_dir(Path(self.settings.data_dir))
             self.log_dir.mkdir(parents=True, exist_ok=True)
             if not self.settings.redis_url:
-                self.redis = RedisServer(Path(self.settings.data_dir) / "redis").start()
+                data_dir = Path(self.settings.data_dir)
+                self.redis = RedisServer(data_dir / "redis",
+                                         password=secret(data_dir / REDIS_PASSWORD_FILE)).start()
                 self.settings = self.settings.replace(redis_url=self.redis.url)
+                self.redis_url_file = write_private(data_dir / REDIS_URL_FILE,
+                                                    self.redis.url + "\n")
             self.ensure_shard_map()
             for i in range(self.gpus):
                 self.workers.append(self.start_worker(i))

@@ -20,6 +20,8 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+from urllib.parse import quote
 
 import redis
 from redis.backoff import NoBackoff
@@ -101,9 +103,12 @@ class RedisServer:
 
     def __init__(
         self, data_dir: str | Path, port: int | None = None, binary: str | None = None,
-        *, appendfsync: str | None = None,
+        *, appendfsync: str | None = None, password: str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
+        self.password = password
+        """Required of every client (``requirepass``), where given. It reaches redis-server
+        in a mode-0600 file, never on its command line (``ps`` shows that to every user)."""
         self.port = port or free_port()
         self._may_move = port is None
         """The port is ours to choose until the first start succeeds: free when we looked, it
@@ -119,7 +124,23 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        login = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{login}127.0.0.1:{self.port}/0"
+
+    def _client(self, **options: Any) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, **options)
+
+    def _config_file(self) -> list[str]:
+        """The mode-0600 file with this server's password, as redis-server's first argument
+        (none without a password)."""
+        if not self.password:
+            return []
+        path = self.data_dir / "redis-auth.conf"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(f'requirepass "{self.password}"\n')
+        return [str(path)]
 
     @property
     def log_path(self) -> Path:
@@ -142,6 +163,7 @@ class RedisServer:
         log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         args = [
             self.binary,
+            *self._config_file(),
             "--bind",
             "127.0.0.1",
             "--port",
@@ -161,8 +183,8 @@ class RedisServer:
         )
         # A read timeout, and no retries: what listens on the port may be another process
         # that never answers (then this server exits, unable to bind it).
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.2,
-                             socket_timeout=1.0, retry=Retry(NoBackoff(), 0))
+        client = self._client(socket_connect_timeout=0.2, socket_timeout=1.0,
+                              retry=Retry(NoBackoff(), 0))
         deadline = time.monotonic() + timeout_s
         while True:
             if self.process.poll() is not None:
@@ -213,8 +235,7 @@ class RedisServer:
         Paused, no write runs in that round. Best effort: a server that does not answer is
         stopped all the same."""
         try:
-            client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1.0,
-                                 socket_connect_timeout=1.0)
+            client = self._client(socket_timeout=1.0, socket_connect_timeout=1.0)
             client.client_pause(int(timeout_s * 1000), all=False)  # WRITE
             client.close()
         except redis.RedisError:

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
+import redis
 
 from tests.conftest import DEFAULT_PORT, REPO, gpu_tasks_cli, wait_until
 
@@ -43,7 +45,7 @@ def test_up_once_runs_the_demo_and_leaves_nothing_running(tmp_path: Path) -> Non
         shown = {t.name for t in history["events"].tasks.values()}
     assert "gpu_tasks.alloc" in shown
     assert "\x1b[" not in out and "sending" not in out  # piped: no colours, no progress bar
-    redis_port = int(re.search(r"Redis:\s+redis://127\.0\.0\.1:(\d+)/0", out).group(1))
+    redis_port = int(re.search(r"Redis:\s+redis://:\*\*\*@127\.0\.0\.1:(\d+)/0", out).group(1))
     assert redis_port != DEFAULT_PORT  # its own server, not the system one
     assert (tmp_path / "state" / "redis" / "appendonlydir").exists() or any(
         (tmp_path / "state" / "redis").glob("*.aof"))
@@ -93,6 +95,22 @@ def test_up_stays_up_until_sigterm_then_stops_everything(tmp_path: Path) -> None
         wait_until(lambda: len(started_by(tmp_path)) >= 3, timeout=30,
                    what=lambda: str(started_by(tmp_path)))
         assert proc.poll() is None
+        # And its Redis takes no client without the password, which is in a file only this
+        # user reads (its data directory too), named and never printed
+        state = tmp_path / "state"
+        url_file = state / "redis-url"
+        assert f"its URL with the password, for your other shells: {url_file}" in "".join(lines)
+        assert state.stat().st_mode & 0o777 == 0o700
+        assert url_file.stat().st_mode & 0o777 == 0o600
+        assert (state / "redis-password").stat().st_mode & 0o777 == 0o600
+        url = url_file.read_text().strip()
+        password = (state / "redis-password").read_text().strip()
+        assert len(password) >= 16 and f":{password}@" in url
+        assert password not in "".join(lines)
+        port = int(re.search(r"127\.0\.0\.1:(\d+)/", url).group(1))  # type: ignore[union-attr]
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port).ping()
+        assert redis.Redis.from_url(url).ping()
         # When it gets SIGTERM
         proc.send_signal(signal.SIGTERM)
         rest = proc.communicate(timeout=60)[0]
