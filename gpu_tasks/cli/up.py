@@ -71,6 +71,12 @@ class _UpShown:
                          f"{cluster.redis_url_file})" if cluster.redis_url_file else ""),
                       soft_wrap=True, markup=False)
         console.print(f"Workers: {', '.join(cluster.queues)} (logs in {cluster.log_dir})")
+        for done in cluster.adopted:
+            console.print(f"up: the shard map gave {len(done.moved)} shards to {done.gpu}, "
+                          "which this run does not start: they go to the GPUs it does, "
+                          f"with {done.requeued} unfinished requests first ({done.lost_buffers} "
+                          "buffers were gone with the run that held them)",
+                          soft_wrap=True, markup=False)
         if cluster.flower_url and cluster.flower_auth:
             # Where the credentials are, never the password itself (terminals and CI
             # logs are read by others).

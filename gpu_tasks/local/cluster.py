@@ -21,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from gpu_tasks.control.failover import Failover, fail_over
 from gpu_tasks.control.fleet import FleetRegistry
 from gpu_tasks.control.lease import LeaseStore
 from gpu_tasks.control.shardmap import ShardMap, ShardMapStore
@@ -138,6 +139,9 @@ class LocalCluster:
         self.flower_credentials_file: Path | None = None
         self.log_dir = Path(log_dir or Path(settings.data_dir) / "logs").resolve()
         self.redis: RedisServer | None = None
+        self.adopted: list[Failover] = []
+        """This node's GPUs that the shard map names but this run does not start (an earlier
+        run had more), failed over to the ones it does (:meth:`adopt_orphans`)."""
         self.redis_url_file: Path | None = None
         """Where the embedded Redis's URL, with its password, is (mode 0600): for a user's
         other shells (``export GPU_TASKS_REDIS_URL=$(cat ...)``); never printed."""
@@ -172,6 +176,7 @@ class LocalCluster:
             if self.want_flower:
                 self.start_flower()
             self.wait_ready(timeout_s)
+            self.adopt_orphans()
         except BaseException:
             self.stop()
             raise
@@ -214,6 +219,21 @@ class LocalCluster:
             settings.child_env(),
             self.log_dir,
         )
+
+    def adopt_orphans(self) -> list[Failover]:
+        """Give the shards of this node's GPUs that the map names, that this run does not
+        start and that no worker serves (an earlier run on the same data had more GPUs) to
+        the GPUs it does start, with their waiting work first, as failover does: else their
+        requests would wait for a consumer that never comes. Their device state went with
+        the run that held it; failover records it as lost (``EntityStateLost``)."""
+        client = self.settings.redis_client()
+        leases = LeaseStore(client)
+        mine = f"gpu.{self.settings.node}."
+        orphans = [gpu for gpu in ShardMapStore(client).load().by_owner()
+                   if gpu is not None and gpu.startswith(mine) and gpu not in self.queues
+                   and not leases.alive(gpu)]
+        self.adopted = [fail_over(client, gpu) for gpu in sorted(orphans)]
+        return self.adopted
 
     def wait_ready(self, timeout_s: float) -> None:
         """Until every GPU's worker holds its lease and consumes by the current shard map,

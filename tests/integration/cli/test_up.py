@@ -121,3 +121,21 @@ def test_up_stays_up_until_sigterm_then_stops_everything(tmp_path: Path) -> None
     assert proc.returncode == 0, rest
     assert "stopped" in rest
     assert started_by(tmp_path) == []
+
+
+def test_up_with_fewer_gpus_than_the_last_run_serves_every_shard(tmp_path: Path) -> None:
+    # Given a first run with 3 GPUs on a data directory (its shard map names 3)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_TASKS_")}
+    env.update(GPU_TASKS_DATA_DIR=str(tmp_path / "state"), GPU_TASKS_NODE="shrinks")
+    first = gpu_tasks_cli("up", "--once", "--gpus", "3", "--entities", "10", "--no-flower",
+                          env=env, timeout=180)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    # When the next run on it starts 2 (the README's `make run ARGS="--gpus 2"`)
+    second = gpu_tasks_cli("up", "--once", "--gpus", "2", "--entities", "10", "--no-flower",
+                           env=env, timeout=180)
+    # Then the third GPU's shards go to the two it starts, it says so, and the demo passes
+    # (before, its requests waited for a consumer that never came)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert re.search(r"up: the shard map gave \d+ shards to gpu\.shrinks\.2, which this run "
+                     "does not start", second.stdout)
+    assert "60 requests, 10 entities, 2 GPUs: every entity stayed on one GPU" in second.stdout
