@@ -110,13 +110,16 @@ _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 def _check_options(name: str, options: dict[str, Any]) -> None:
     """Refuse time limits and delays a GPU worker could not honour (:mod:`gpu_tasks.protocol.
     limits`): nothing is enqueued."""
+    countdown: Any = options.get("countdown")
+    eta: Any = options.get("eta")
+    if (eta is None and countdown is None and options.get("time_limit") is None
+            and options.get("soft_time_limit") is None):
+        return  # the usual send: nothing to check (every apply_async passes here)
     limit_s = _settings.current().visibility_timeout_s
     for option in LIMIT_NAMES:
         problem = time_limit_problem(option, options.get(option), limit_s)
         if problem:
             raise RoutingError(f"task {name}: {problem}; nothing was enqueued")
-    countdown: Any = options.get("countdown")
-    eta: Any = options.get("eta")
     if eta is None and countdown is None:
         return
     delay_s: float

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -26,8 +25,16 @@ from gpu_tasks.control.fleet import FleetRegistry
 from gpu_tasks.control.lease import LeaseStore
 from gpu_tasks.control.shardmap import ShardMap, ShardMapStore
 from gpu_tasks.errors import GpuTasksError
+from gpu_tasks.local.private import (
+    REDIS_PASSWORD_FILE,
+    REDIS_URL_FILE,
+    private_dir,
+    secret,
+    session_auth,
+    write_private,
+)
 from gpu_tasks.local.redis_server import RedisServer, free_port
-from gpu_tasks.monitor.flower import AUTH_SETTING, FlowerAuth, parse_basic_auth, session_auth
+from gpu_tasks.monitor.flower import AUTH_SETTING, FlowerAuth, parse_basic_auth
 from gpu_tasks.protocol.routing import gpu_queue
 from gpu_tasks.settings import Settings
 
@@ -70,41 +77,6 @@ def spawn(name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> Pro
 def gpu_tasks_command(*args: str) -> list[str]:
     """The ``gpu-tasks`` CLI as a command line, with this interpreter."""
     return [sys.executable, "-m", "gpu_tasks.cli", *args]
-
-
-REDIS_PASSWORD_FILE = "redis-password"
-"""The embedded Redis's password, made on the first run and kept (mode 0600) beside its data."""
-REDIS_URL_FILE = "redis-url"
-"""The embedded Redis's URL with that password (mode 0600)."""
-
-
-def private_dir(path: Path) -> Path:
-    """``path`` created if need be and readable by this user only (0700): it holds Flower's
-    task history, the AOF files and the logs, which hold requests' arguments and results."""
-    path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o700)
-    return path
-
-
-def write_private(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path``, readable by this user only, whatever its mode was."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        os.fchmod(f.fileno(), 0o600)
-        f.write(text)
-    return path
-
-
-def secret(path: Path) -> str:
-    """The password kept in ``path``, made (and kept, mode 0600) if there is none yet: the
-    same across runs on the same data directory."""
-    if path.exists():
-        kept = path.read_text().strip()
-        if kept:
-            return kept
-    password = secrets.token_urlsafe(24)
-    write_private(path, password + "\n")
-    return password
 
 
 class LocalCluster:

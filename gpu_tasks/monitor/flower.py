@@ -16,8 +16,6 @@ tornado, so the CLI and :class:`~gpu_tasks.local.cluster.LocalCluster` stay ligh
 from __future__ import annotations
 
 import ipaddress
-import os
-import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,23 +112,6 @@ def resolve_auth(settings: Settings, basic_auth: str | None, no_auth: bool,
         f"/etc/gpu-tasks/env) or pass --basic-auth USER:PASSWORD; --no-auth only on a "
         f"loopback address"
     )
-
-
-def session_auth(data_dir: str | Path) -> tuple[FlowerAuth, Path]:
-    """A random password for one ``gpu-tasks up`` session, written (``user:password``) to
-    ``<data_dir>/flower-credentials`` readable by this user only; returns it and the file."""
-    path = Path(data_dir).resolve() / CREDENTIALS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    basic_auth = f"{SESSION_USER}:{secrets.token_urlsafe(18)}"
-    # Created 0600 (no moment where another user could read it); an older file from an
-    # earlier session is truncated and tightened the same way.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, f"{basic_auth}\n".encode())
-    finally:
-        os.close(fd)
-    return FlowerAuth(basic_auth, str(path)), path
 
 
 def db_path(settings: Settings) -> Path:
