@@ -210,8 +210,8 @@ def run_fuzz(root: Path, cases: int, gpus: int, examples_per_round: int = 25
             from benchmarks.fuzz import alive
 
             if not alive(pid):  # something that killed it is still there: clear the GPU
+                from gpu_tasks.control.unacked import unacked_keys
                 from gpu_tasks.protocol.routing import shard_name
-                from gpu_tasks.protocol.unacked import unacked_keys
 
                 keys = unacked_keys(dep.queues[i])
                 mine = [shard_name(s) for s, owner in owners.items() if owner == dep.queues[i]]

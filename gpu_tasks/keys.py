@@ -69,7 +69,7 @@ TAILS_KEY = "gpu-tasks:status:tails"
 BATCH_KEY_PREFIX = "gpu-tasks:batch:"
 """``<prefix><id>:sent`` (bitmap of the lines sent) and ``<prefix><id>:lock``."""
 
-# What a GPU's worker has taken and not finished (gpu_tasks.protocol.unacked)
+# What a GPU's worker has taken and not finished (gpu_tasks.control.unacked)
 UNACKED_KEY = "gpu-tasks:unacked:{gpu}"
 """Hash delivery tag -> the message taken (kombu's ``unacked`` hash, one per GPU)."""
 UNACKED_INDEX_KEY = "gpu-tasks:unacked_index:{gpu}"

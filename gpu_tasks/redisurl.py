@@ -109,13 +109,15 @@ class RedisTarget:
 
     # -- gpu-tasks' own clients -------------------------------------------------------
 
-    def client(self, timeout_s: float) -> redis.Redis:
+    def client(self, timeout_s: float, **options: Any) -> redis.Redis:
         """A redis-py client of the (current) master, with ``timeout_s`` as its connect and
-        socket timeout. Through Sentinel, each new connection asks the Sentinels where the
-        master is, so a client made before a failover reaches the new master after it."""
+        socket timeout, and any other redis-py ``options``. Through Sentinel, each new
+        connection asks the Sentinels where the master is, so a client made before a
+        failover reaches the new master after it."""
         kwargs: dict[str, Any] = {"db": self.db, "username": self.username,
                                   "password": self.password, "socket_timeout": timeout_s,
-                                  "socket_connect_timeout": timeout_s, **one_attempt()}
+                                  "socket_connect_timeout": timeout_s, **one_attempt(),
+                                  **options}
         if self.sentinel:
             if not self.master_name:  # parse() refuses such a URL; redis-py 8.2 wants a str
                 raise ValueError("a sentinel:// URL needs the monitored master's name")

@@ -112,6 +112,18 @@ class Settings:
     max_child_deaths: int = 3
     """A request whose execution ends the worker's pool child this many times is
     dead-lettered instead of being run again."""
+    # -- the batched fetch (workers.consumer.fetch)
+    fetch_max_requests: int = 64
+    """Most requests a GPU worker takes from its shard queues in one Redis call and hands
+    its pool child as one batch."""
+    fetch_max_bytes: int = 8 << 20
+    """Most bytes of messages in one batch; a larger message is taken alone."""
+    fetch_wait_s: float = 0.0
+    """How long a worker that took fewer than ``fetch_max_requests`` waits for more before
+    handing them over (Triton's max queue delay): 0 runs a request at once."""
+    fetch_idle_poll_s: float = 1.0
+    """An idle worker takes at least this often, whatever its doorbell said (pub/sub is at
+    most once): the longest a missed wake-up delays a request."""
     device_open_timeout_s: float = 120.0
     """How long a GPU worker waits for a new pool child to open its device (cuInit, the
     context, the checks) before killing and replacing it; Celery's 4 s default is too short
@@ -196,6 +208,11 @@ class Settings:
                      "task_soft_time_limit_s", "sim_memory_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
+        for name in ("fetch_max_requests", "fetch_max_bytes", "fetch_idle_poll_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.fetch_wait_s < 0:
+            raise ConfigError(f"fetch_wait_s must not be negative, not {self.fetch_wait_s}")
         for name in ("max_backlog", "batch_record_ttl_s", "max_message_bytes", "max_nesting",
                      "max_child_deaths", "max_read_bytes", "max_read_values",
                      "max_buffers_per_entity", "max_entity_id_chars"):
@@ -263,6 +280,7 @@ class Settings:
 
 # Sizes take units ("512MiB"), so their variables drop the _BYTES of the field name.
 _ENV_NAMES = {"sim_memory_bytes": "GPU_TASKS_SIM_MEMORY",
+              "fetch_max_bytes": "GPU_TASKS_FETCH_MAX_SIZE",
               "max_message_bytes": "GPU_TASKS_MAX_MESSAGE",
               "max_read_bytes": "GPU_TASKS_MAX_READ",
               "entity_memory_bytes": "GPU_TASKS_ENTITY_MEMORY",
@@ -275,14 +293,15 @@ def env_name(field_name: str) -> str:
 
 
 _INT_FIELDS = {"shard_count", "max_backlog", "max_nesting", "max_child_deaths",
+               "fetch_max_requests",
                "max_read_values", "max_buffers_per_entity", "max_entity_id_chars"}
 _SIZE_FIELDS = {"sim_memory_bytes", "entity_memory_bytes", "spill_memory_bytes",
-                "max_message_bytes", "max_read_bytes"}
+                "max_message_bytes", "max_read_bytes", "fetch_max_bytes"}
 _BOOL_FIELDS = {"fault_injection", "task_events"}
 _FLOAT_FIELDS = {"entity_idle_s", "lease_ttl_s", "map_poll_s", "heartbeat_s",
                  "redis_timeout_s", "device_open_timeout_s", "failover_after_s",
                  "task_time_limit_s", "task_soft_time_limit_s", "visibility_timeout_s",
-                 "batch_record_ttl_s"}
+                 "batch_record_ttl_s", "fetch_wait_s", "fetch_idle_poll_s"}
 
 
 def _convert(name: str, raw: str) -> Any:

@@ -15,7 +15,7 @@ The guarantee holds per request; these are its mechanisms, and where each one li
 (this list is kept here so that none is added or removed unseen):
 
 1. *Taken is recorded.* A delivery is recorded in the GPU's own unacked keys
-   (:func:`gpu_tasks.protocol.unacked.unacked_keys`) until it is acknowledged; one whose
+   (:func:`gpu_tasks.control.unacked.unacked_keys`) until it is acknowledged; one whose
    record failed as Redis went away is kept in the process and pushed back, marked
    redelivered, once Redis answers (:class:`workers.consumer.transport.GpuQoS` ``append``,
    ``GpuChannel._put_back_orphans``).
@@ -27,8 +27,8 @@ The guarantee holds per request; these are its mechanisms, and where each one li
    not admitted goes back, or on to its shard, in one transaction
    (``GpuQoS.settle``): never in two places.
 3. *Put back at the head, marked redelivered*
-   (:func:`gpu_tasks.protocol.unacked.mark_redelivered`): what a dead or cut-off worker had
-   taken, by :func:`gpu_tasks.protocol.unacked.restore_unacked`, called by the same worker
+   (:func:`gpu_tasks.control.unacked.mark_redelivered`): what a dead or cut-off worker had
+   taken, by :func:`gpu_tasks.control.unacked.restore_unacked`, called by the same worker
    at boot (:func:`workers.boot.run_worker`), after a Redis outage for what it no longer
    holds (:meth:`workers.consumer.consumption.Consumption.put_back_abandoned`), or by
    failover (:mod:`gpu_tasks.control.failover`); a requeue by Celery

@@ -24,17 +24,26 @@ from celery import signals
 
 from gpu_tasks.control.fleet import FleetRegistry
 from gpu_tasks.control.lease import Holder
+from gpu_tasks.control.unacked import restore_unacked, unacked_keys
 from gpu_tasks.errors import ConfigError
-from gpu_tasks.protocol.unacked import restore_unacked, unacked_keys
 from gpu_tasks.settings import Settings
 from gpu_tasks.tasks.declare import install_executor
 from workers.child import executor, runtime, taskcounts
+from workers.child.batch import run_batch
 from workers.child.runtime import WorkerIdentity
-from workers.consumer import control, ownership, request
+from workers.consumer import control, ownership, progress, request
 from workers.consumer.consumption import CONSUMER, Consumption, bootstep
+from workers.consumer.fetch import BatchFetch
 from workers.consumer.transport import Guard, install_guard, transport_for
 
 log = logging.getLogger(__name__)
+
+
+def _revoked() -> frozenset[str]:
+    """The task ids this worker was told to revoke (``celery control revoke``), for a batch."""
+    from celery.worker import state as worker_state
+
+    return frozenset(worker_state.revoked) if worker_state.revoked else frozenset()
 
 
 def pin_to_gpu(gpu_index: int) -> None:
@@ -86,7 +95,9 @@ def run_worker(
     configure(settings)
     client = settings.redis_client()
     table = ownership.table = ownership.OwnershipTable(identity.queue)
-    consumption = Consumption(table, Holder(identity.worker), settings, client, app)
+    record = progress.progress = progress.BatchProgress()
+    fetch = BatchFetch(identity.queue, settings, record, run_batch, app, _revoked)
+    consumption = Consumption(table, Holder(identity.worker), settings, client, app, fetch)
     consumption.take_lease()
     restored = restore_unacked(client, identity.queue)
     if restored:
@@ -114,7 +125,7 @@ def run_worker(
                         max_child_deaths=settings.max_child_deaths,
                         visibility_timeout_s=settings.visibility_timeout_s, tasks=app.tasks))
     app.steps["consumer"].add(bootstep(consumption))
-    control.install()
+    control.install(fetch)
     install_executor(executor.execute, executor.after_task)
     request.install(settings)
     counts = taskcounts.install(identity.queue)

@@ -12,6 +12,8 @@ not missed. ``AsyncResult`` behaves exactly as before for every caller.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -56,7 +58,35 @@ class ResultConsumer(CeleryResultConsumer):  # type: ignore[misc]
 
 
 class ResultBackend(RedisBackend):  # type: ignore[misc]
-    """Celery's Redis result backend, subscribing to a task's result only in ``get()``."""
+    """Celery's Redis result backend, subscribing to a task's result only in ``get()``; its
+    writes can be queued on a pipeline (:meth:`writing_to`)."""
+
+    _pipe: Any = None
+
+    @contextmanager
+    def writing_to(self, pipe: Any) -> Iterator[None]:
+        """Results stored meanwhile (in this thread's use of the backend) are queued on
+        ``pipe`` as Celery writes them (``SET``/``SETEX`` and ``PUBLISH``), not each sent in
+        a round trip of its own: the caller executes ``pipe`` (a GPU worker's batch, with
+        the requests' acknowledgements in the same transaction)."""
+        self._pipe = pipe
+        try:
+            yield
+        finally:
+            self._pipe = None
+
+    def _set(self, key: str, value: Any, expires: Any = None) -> None:
+        pipe = self._pipe
+        if pipe is None:
+            super()._set(key, value, expires)
+            return
+        if expires is None:
+            expires = self.expires
+        if expires:
+            pipe.setex(key, expires, value)
+        else:
+            pipe.set(key, value)
+        pipe.publish(key, value)
 
     ResultConsumer = ResultConsumer
 

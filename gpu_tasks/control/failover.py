@@ -4,7 +4,7 @@ A GPU is dead when its lease has been expired for ``failover_after_s`` (its work
 killed, its host went down, or it was stopped without a drain). Then, in this order:
 
 1. the requests its worker had taken and not finished go back to the head of their
-   shard queues (:func:`gpu_tasks.protocol.unacked.restore_unacked`), so the new owner runs them
+   shard queues (:func:`gpu_tasks.control.unacked.restore_unacked`), so the new owner runs them
    first, in the order they were taken;
 2. the buffers it held are recorded as lost, per shard
    (:func:`gpu_tasks.control.bufferledger.retire`), so a later request for one answers
@@ -30,9 +30,9 @@ from gpu_tasks.control import bufferledger as ledger
 from gpu_tasks.control.lease import LeaseStore
 from gpu_tasks.control.rebalance import shares
 from gpu_tasks.control.shardmap import Shard, ShardMapStore, check_gpu
+from gpu_tasks.control.unacked import restore_unacked
 from gpu_tasks.errors import HandoffError
 from gpu_tasks.protocol.routing import shard_name
-from gpu_tasks.protocol.unacked import restore_unacked
 
 log = logging.getLogger(__name__)
 

@@ -32,6 +32,7 @@ ScriptName = Literal[
     "shardmap_init",
     "shardmap_transition",
     "status_queues",
+    "unacked_take",
 ]
 """Every script, by the name of its file (``lua/<name>.lua``)."""
 

@@ -5,8 +5,9 @@ every ``map_poll_s`` on Celery's event loop:
 
 1. renew the GPU's lease; the same Lua call answers the shard map's epoch;
 2. when the epoch moved, read the map and consume exactly the queues of the shards
-   this GPU consumes (:attr:`gpu_tasks.control.shardmap.Shard.consumer`) plus its own GPU
-   queue, adding and cancelling queues on the running Celery consumer (no restart);
+   this GPU consumes (:attr:`gpu_tasks.control.shardmap.Shard.consumer`), by the batched
+   fetch (:mod:`workers.consumer.fetch`), plus its own GPU queue, by Celery's consumer
+   (no restart);
 3. publish what this GPU now serves in its ownership table
    (:mod:`workers.consumer.ownership`), the one record of it, which the fence
    (:mod:`workers.consumer.fence`) and the pool child read.
@@ -43,12 +44,13 @@ from vine import promise
 from gpu_tasks.control.fleet import FleetRegistry
 from gpu_tasks.control.lease import EXIT_LEASE_LOST, Holder, LeaseStore, Renewal
 from gpu_tasks.control.shardmap import ShardMapStore
+from gpu_tasks.control.unacked import restore_unacked
 from gpu_tasks.errors import ShardMapError
 from gpu_tasks.protocol.routing import shard_name
-from gpu_tasks.protocol.unacked import restore_unacked
 from gpu_tasks.settings import Settings
 from workers.consumer.device_stats import device_stats, registry_client
 from workers.consumer.fence import Fence
+from workers.consumer.fetch import BatchFetch
 from workers.consumer.ownership import OwnershipTable
 
 log = logging.getLogger(__name__)
@@ -59,8 +61,10 @@ class Consumption:
     """The main process's lease, shard-map epoch and consumed queues (see the module)."""
 
     def __init__(self, table: OwnershipTable, holder: Holder, settings: Settings,
-                 client: redis.Redis, app: Any) -> None:
+                 client: redis.Redis, app: Any, fetch: BatchFetch | None = None) -> None:
         self.gpu = table.gpu
+        self.fetch = fetch
+        """Takes the shard queues' requests in batches (None: Celery's consumer does)."""
         self.holder = holder
         self.settings = settings
         self.table = table
@@ -121,8 +125,11 @@ class Consumption:
         (:mod:`workers.consumer.device_stats`)."""
         if self._registry is None:
             self._registry = FleetRegistry(registry_client(self.settings))
-        return device_stats(self.gpu, self._registry, shards=len(self.table.served()),
-                            epoch=self.epoch)
+        stats = device_stats(self.gpu, self._registry, shards=len(self.table.served()),
+                             epoch=self.epoch)
+        if self.fetch is not None:
+            stats["gpu_batches"] = self.fetch.stats.as_dict()
+        return stats
 
     # -- every map_poll_s ------------------------------------------------------------
 
@@ -163,6 +170,8 @@ class Consumption:
                                 *worker_state.reserved_requests,
                                 *worker_state.scheduled_requests)
             if isinstance(tag := getattr(request.message, "delivery_tag", None), str))
+        if self.fetch is not None:
+            held = held | self.fetch.held_tags()
         try:
             restored = restore_unacked(self.client, self.gpu, keep=held)
         except redis.RedisError as exc:
@@ -194,6 +203,12 @@ class Consumption:
             held = shard_map.held_by(self.gpu)
             versions = {i: shard_map.shards[i].version for i in held}
         queues = {shard_name(i): i for i in wanted}
+        before: set[str] = set()
+        taken_in_batches: dict[str, int] = {}
+        if self.fetch is not None:
+            before = set(self.fetch.queues)
+            taken_in_batches = queues
+            queues = {}  # Celery's consumer takes the GPU's own queue only
         current = {q.name for q in c.task_consumer.queues}
         dropped = sorted(q for q in current if q != self.gpu and q not in queues)
         added = sorted((q for q in queues if q not in current), key=queues.__getitem__)
@@ -203,6 +218,10 @@ class Consumption:
         self._cancel(c, dropped)
         self._consume(c, [self.gpu] if self.gpu not in current else [])
         self._consume(c, added)
+        if self.fetch is not None:
+            self.fetch.consume(sorted(taken_in_batches, key=taken_in_batches.__getitem__))
+            added = sorted(set(taken_in_batches) - before)
+            dropped = sorted(before - set(taken_in_batches))
         self.epoch = epoch
         if added or dropped:
             log.warning("%s: shard map epoch %d: consuming %d shard queues (+%d, -%d)",
@@ -234,6 +253,8 @@ class Consumption:
                      "consuming, shutting down", self.gpu, renewal.holder_token)
         self.table.hold_lease_until(0.0)
         self.table.publish(self.epoch, [])
+        if self.fetch is not None:
+            self.fetch.consume([])
         self._cancel(c, [q.name for q in c.task_consumer.queues])
         worker_state.should_stop = EXIT_LEASE_LOST
 
@@ -246,12 +267,18 @@ def bootstep(consumption: Consumption) -> type[bootsteps.StartStopStep]:
 
         def start(self, c: Consumer) -> None:
             consumption.start(c)
+            if consumption.fetch is not None:
+                consumption.fetch.start(c)
 
         def stop(self, c: Consumer) -> None:
+            if consumption.fetch is not None:
+                consumption.fetch.stop(c)
             consumption.stop(c)
 
         def shutdown(self, c: Consumer) -> None:
             consumption.stop(c)
+            if consumption.fetch is not None:
+                consumption.fetch.shutdown(c)
             consumption.release_lease()
 
         def info(self, c: Consumer) -> dict[str, Any]:

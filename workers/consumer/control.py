@@ -1,5 +1,9 @@
 """Remote control that would break a GPU worker is refused by the worker itself.
 
+A GPU worker takes its shard queues' requests in batches (:mod:`workers.consumer.fetch`),
+past Celery's own consumer: :func:`install` also makes ``inspect active``, ``reserved`` and
+``active_queues`` show them, as Flower's worker pages do.
+
 Flower's buttons and ``celery control`` reach every worker. On a GPU worker some of
 them would split or lose device state: a second pool child has a second, empty
 buffer store (``pool_grow``, ``autoscale``), a shrunk, restarted or terminated child
@@ -16,6 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 from celery.worker import control
+
+from workers.consumer.fetch import BatchFetch
 
 REFUSED = {
     "pool_grow": "a GPU worker runs exactly one pool child, which holds the GPU's device "
@@ -54,9 +60,27 @@ def _without_terminate(original: Any) -> Any:
     return revoke
 
 
-def install() -> None:
-    """Replace the dangerous commands in this process's control panel (a GPU worker)."""
+def install(fetch: BatchFetch | None = None) -> None:
+    """Replace the dangerous commands in this process's control panel (a GPU worker), and
+    make inspection see ``fetch``'s batches."""
     for name in REFUSED:
         control.Panel.data[name] = _refusal(name)
     for name in ("revoke", "revoke_by_stamped_headers"):
         control.Panel.data[name] = _without_terminate(control.Panel.data[name])
+    if fetch is None:
+        return
+    celery_active = control.Panel.data["active"]
+    celery_reserved = control.Panel.data["reserved"]
+    celery_queues = control.Panel.data["active_queues"]
+
+    def active(state: Any, safe: bool = False, **kwargs: Any) -> Any:
+        return [*celery_active(state, safe=safe, **kwargs),
+                *fetch.active(state.hostname, safe=safe)]
+
+    def reserved(state: Any, **kwargs: Any) -> Any:
+        return [*celery_reserved(state, **kwargs), *fetch.reserved(state.hostname)]
+
+    def active_queues(state: Any) -> Any:
+        return [*celery_queues(state), *fetch.queue_infos()]
+
+    control.Panel.data.update(active=active, reserved=reserved, active_queues=active_queues)

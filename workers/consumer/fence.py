@@ -32,6 +32,7 @@ from celery import states
 from celery.utils.collections import AttributeDict
 
 from gpu_tasks.control.shardmap import NO_MAP
+from gpu_tasks.control.unacked import SOURCE, source_queue
 from gpu_tasks.errors import GpuTasksError, RoutingError, ShardMapError
 from gpu_tasks.protocol.routing import (
     ENTITY_KWARG,
@@ -40,7 +41,6 @@ from gpu_tasks.protocol.routing import (
     shard_name,
     validate_entity_id,
 )
-from gpu_tasks.protocol.unacked import SOURCE, source_queue
 from workers.consumer.ownership import OwnershipTable
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ A GPU worker consumes one queue per shard it owns (1024 on a one-GPU host), so:
   (kombu's own parse, done here instead), a few dict lookups, its body's base64 decoded
   once more and its body parsed here instead of in the fence: no Redis call.
 - **Unacknowledged messages per GPU.** Each GPU keeps its own unacked keys
-  (:mod:`gpu_tasks.protocol.unacked`), so what a dead worker had taken is put back at once by its
+  (:mod:`gpu_tasks.control.unacked`), so what a dead worker had taken is put back at once by its
   successor or by failover, instead of after the visibility timeout.
 """
 
@@ -46,9 +46,9 @@ from kombu.utils.json import loads as kombu_loads
 from gpu_tasks import settings as _settings
 from gpu_tasks.connection.broker import EverySentinel
 from gpu_tasks.control.deadletter import DeadLetter, DeadLetterStore, HeldLetters
+from gpu_tasks.control.unacked import SOURCE, mark_redelivered, source_queue
 from gpu_tasks.errors import ConfigError
 from gpu_tasks.protocol.checks import Checked, check_message
-from gpu_tasks.protocol.unacked import SOURCE, mark_redelivered, source_queue
 from gpu_tasks.redisurl import redacted_url
 from gpu_tasks.settings import Settings
 
@@ -89,6 +89,11 @@ def install_guard(guard: Guard) -> None:
     starts: kombu builds the transport from its name, so it cannot be handed one)."""
     global _guard
     _guard = guard
+
+
+def installed_guard() -> Guard:
+    """What this worker accepts (its pool child inherits it at fork)."""
+    return _guard
 
 
 def _bulk(arg: bytes) -> bytes:

@@ -18,6 +18,7 @@ from celery.result import AsyncResult
 from gpu_tasks.app import configure
 from gpu_tasks.control.fleet import FleetRegistry
 from gpu_tasks.control.shardmap import ShardMapStore
+from gpu_tasks.control.unacked import mark_redelivered
 from gpu_tasks.errors import (
     BrokerUnavailable,
     DeviceError,
@@ -28,7 +29,6 @@ from gpu_tasks.errors import (
 from gpu_tasks.local.cluster import LocalCluster
 from gpu_tasks.local.redis_server import RedisServer
 from gpu_tasks.protocol.routing import shard_index, shard_name
-from gpu_tasks.protocol.unacked import mark_redelivered
 from gpu_tasks.settings import Settings
 from gpu_tasks.tasks import alloc, free, read, stats, write
 from tests import usertasks

@@ -12,7 +12,7 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Queue
 
-from gpu_tasks.protocol.unacked import SOURCE, restore_unacked, unacked_keys
+from gpu_tasks.control.unacked import SOURCE, restore_unacked, unacked_keys
 from tests.support.messages import raw_task_message
 from workers.consumer.transport import GpuChannel, GpuTransport
 
