@@ -29,7 +29,9 @@ the end of the batch; sooner once ``FLUSH_AFTER_S`` passed since the last one; a
 thread of the child, while a request runs longer than ``FLUSH_AFTER_S``, so the requests
 before a long one keep their results whatever becomes of it. So a child death makes run
 again only requests that finished within ``FLUSH_AFTER_S`` before it (they go back marked
-redelivered; a copy whose result was stored meanwhile is answered, not run). Requests
+redelivered; a copy whose result was stored meanwhile is answered, not run), and only
+once: before a redelivered request runs (it may be the one that ended the child), what
+ran before it is written. Requests
 sent back to their queue's head are written only with the batch's last transaction, in
 order.
 """
@@ -326,6 +328,10 @@ class _BatchRun:
         task_id, name = headers["id"], headers["task"]
         if self._answered_without_running(tag, task_id, headers, request):
             return
+        if request["delivery_info"]["redelivered"] and self.writes:
+            # Its last run may have ended a pool child: what ran before it is written
+            # first, so another death costs only this request.
+            self._flush(final=False)
         if self.events is not None:
             self.events.received(request)
             self.events.started(task_id)

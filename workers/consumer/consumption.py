@@ -154,6 +154,9 @@ class Consumption:
             self._lost(c, renewal)
             return
         self._renewed(renewal, sent)
+        if self.fetch is not None and self.fetch.reply_lost:
+            self.fetch.reply_lost = False
+            self._interrupted = True
         if self._interrupted:
             self.put_back_abandoned()
         if force or renewal.map_epoch != self.epoch:

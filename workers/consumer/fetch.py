@@ -131,6 +131,9 @@ class BatchFetch:
         self._timers: list[Any] = []
         self._stopping = False
         self._poll_wanted = False
+        self.reply_lost = False
+        """A take failed (its reply may be lost): entries this worker does not hold are to
+        be put back once Redis answers (read and reset by the lease's tick)."""
         self._idle: set[str] | None = None
         """Idle with the doorbell armed over every queue: the queues it named since (the
         only ones with work). None when not idle, or not told which."""
@@ -351,6 +354,10 @@ class BatchFetch:
             return False
 
     def _failing(self, exc: Exception) -> None:
+        # The take may have been applied with its reply lost: what it took is recorded as
+        # taken by this GPU and held by nobody. The next lease renewal that reaches Redis
+        # puts such entries back (Consumption.put_back_abandoned).
+        self.reply_lost = True
         if self._failing_since is None:
             self._failing_since = time.monotonic()
             log.warning("%s: cannot take requests (%s); trying again every %gs", self.gpu,
