@@ -55,7 +55,9 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -143,8 +145,11 @@ def unfinished(client: Any, task_ids: Sequence[str]) -> list[str]:
             if raw is None or not any(final in raw for final in _FINAL)]
 
 
-def drain(target: Target, count: int, timeout_s: float) -> dict[str, Any]:
-    """Enqueue ``count`` tasks, wait until all have a final state; timings and counts."""
+def drain(target: Target, count: int, timeout_s: float, prefilled: bool = False) -> dict[str, Any]:
+    """Enqueue ``count`` tasks, wait until all have a final state; timings and counts.
+    ``prefilled``: the worker's main process is stopped (SIGSTOP) while they are sent, so
+    the drain starts from full queues, and its rate is read from the results' ``date_done``
+    (first to last completion)."""
     client = target.client
     task_ids = [str(uuid.uuid4()) for _ in range(count)]
     pubsub = client.pubsub()
@@ -158,12 +163,19 @@ def drain(target: Target, count: int, timeout_s: float) -> dict[str, Any]:
 
     meter = CpuMeter([target.child], target.redis_pid)
     meter.start()
-    own_cpu0 = time.process_time()
-    t0 = time.perf_counter()
-    for i, task_id in enumerate(task_ids):
-        target.send(task_id, i)
-    enqueued_s = time.perf_counter() - t0
-    send_cpu_s = time.process_time() - own_cpu0
+    main_pid = target.child.popen.pid
+    if prefilled:
+        os.kill(main_pid, signal.SIGSTOP)
+    try:
+        own_cpu0 = time.process_time()
+        t0 = time.perf_counter()
+        for i, task_id in enumerate(task_ids):
+            target.send(task_id, i)
+        enqueued_s = time.perf_counter() - t0
+        send_cpu_s = time.process_time() - own_cpu0
+    finally:
+        if prefilled:
+            os.kill(main_pid, signal.SIGCONT)
 
     last_state = None
     while last_state not in READY_STATES:
@@ -187,6 +199,7 @@ def drain(target: Target, count: int, timeout_s: float) -> dict[str, Any]:
     pubsub.close()
 
     final = states(client, task_ids)
+    done_rate = completion_rate(client, task_ids)
     succeeded = sum(1 for s in final if s == "SUCCESS")
     if succeeded != count:
         bad = next(raw for raw in client.mget([result_key(t) for t in task_ids])
@@ -200,6 +213,7 @@ def drain(target: Target, count: int, timeout_s: float) -> dict[str, Any]:
         "enqueue_s": round(enqueued_s, 4),
         "total_s": round(total_s, 4),
         "tasks_per_s": round(count / total_s, 1),
+        "completed_per_s": done_rate,
         "worker_cpu_us_per_task": cpu["total"],
         "worker_main_cpu_us_per_task": cpu["main"],
         "worker_child_cpu_us_per_task": cpu["child"],
@@ -207,6 +221,20 @@ def drain(target: Target, count: int, timeout_s: float) -> dict[str, Any]:
         "publisher_cpu_us_per_task": round(own_cpu_s / count * 1e6),
         "publisher_send_cpu_us_per_task": round(send_cpu_s / count * 1e6),
     }
+
+
+def completion_rate(client: Any, task_ids: Sequence[str]) -> float:
+    """Tasks per second from the first completion to the last (the results' ``date_done``)."""
+    from datetime import datetime
+
+    times = []
+    for raw in client.mget([result_key(t) for t in task_ids]):
+        done = json.loads(raw).get("date_done") if raw else None
+        if isinstance(done, str):
+            times.append(datetime.fromisoformat(done).timestamp())
+    if len(times) < 2 or max(times) <= min(times):
+        return 0.0
+    return round((len(times) - 1) / (max(times) - min(times)), 1)
 
 
 def check_gpu_result(target: Target, entity_id: str, timeout_s: float) -> dict[str, Any]:
@@ -247,6 +275,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from gpu_tasks.settings import Settings
 
     workers = (*GPU_WORKERS, BASELINE, *(() if args.no_defaults else (EXTRA,)))
+    rate = "completed_per_s" if args.prefilled else "tasks_per_s"
+    """What the ratios compare: with --prefilled, first to last completion."""
     children: list[Process] = []
     server: RedisServer | None = None
     with tempfile.TemporaryDirectory(prefix="gpu-tasks-bench-drain-") as tmp:
@@ -370,15 +400,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     row: dict[str, Any] = {"order": list(order)}
                     for name in order:
                         bar.update(step, description=f"round {r + 1}: {name}")
-                        row[name] = drain(targets[name], args.tasks, args.timeout)
+                        row[name] = drain(targets[name], args.tasks, args.timeout,
+                                          prefilled=args.prefilled)
                         bar.advance(step)
-                    base = row[BASELINE]["tasks_per_s"]
-                    row["ratios"] = {g: round(row[g]["tasks_per_s"] / base, 4)
-                                     for g in GPU_WORKERS}
+                    base = row[BASELINE][rate]
+                    row["ratios"] = {g: round(row[g][rate] / base, 4) for g in GPU_WORKERS}
                     if EXTRA in workers:
                         row["ratios_vs_defaults"] = {
-                            g: round(row[g]["tasks_per_s"] / row[EXTRA]["tasks_per_s"], 4)
-                            for g in GPU_WORKERS}
+                            g: round(row[g][rate] / row[EXTRA][rate], 4) for g in GPU_WORKERS}
                     rounds.append(row)
             vers = versions(client0)
         finally:
@@ -391,6 +420,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     per_worker = {
         name: {
             "tasks_per_s": spread((r[name]["tasks_per_s"] for r in rounds), 1),
+            "completed_per_s": spread((r[name]["completed_per_s"] for r in rounds), 1),
             "worker_cpu_us_per_task": spread(
                 (r[name]["worker_cpu_us_per_task"] for r in rounds), 0),
             "worker_main_cpu_us_per_task": spread(
@@ -448,7 +478,8 @@ def report(result: dict[str, Any]) -> None:
         for name in workers:
             d = row[name]
             out.print(
-                f"  {name:<10} {d['tasks_per_s']:7.1f}/s (enqueue {d['enqueue_s']:.2f}s, "
+                f"  {name:<10} {d['tasks_per_s']:7.1f}/s, completions "
+                f"{d['completed_per_s']:7.1f}/s (enqueue {d['enqueue_s']:.2f}s, "
                 f"total {d['total_s']:.2f}s, worker CPU {d['worker_cpu_us_per_task']} us/task: "
                 f"main {d['worker_main_cpu_us_per_task']}, "
                 f"child {d['worker_child_cpu_us_per_task']}; redis-server "
@@ -462,7 +493,8 @@ def report(result: dict[str, Any]) -> None:
     for name in workers:
         w = result["per_worker"][name]
         out.print(
-            f"  {name:<10} {fmt_spread(w['tasks_per_s'], '.1f', '/s')}; worker CPU "
+            f"  {name:<10} {fmt_spread(w['tasks_per_s'], '.1f', '/s')}, completions "
+            f"{fmt_spread(w['completed_per_s'], '.1f', '/s')}; worker CPU "
             f"{fmt_spread(w['worker_cpu_us_per_task'], '.0f', ' us/task')} "
             f"(main {w['worker_main_cpu_us_per_task']['median']}, "
             f"child {w['worker_child_cpu_us_per_task']['median']}); redis-server "
@@ -483,6 +515,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="rounds (one drain per worker; the order rotates)")
     parser.add_argument("--warmup", type=int, default=200, help="tasks per worker before timing")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per drain")
+    parser.add_argument("--prefilled", action="store_true",
+                        help="fill the queues while the worker's main process is stopped, and "
+                             "compare the rates from first to last completion")
     parser.add_argument("--no-defaults", action="store_true",
                         help="leave out the plain worker at Celery's defaults")
     parser.add_argument("--gpu-loglevel", help="GPU workers' --loglevel (default: the CLI's)")

@@ -12,7 +12,7 @@ not missed. ``AsyncResult`` behaves exactly as before for every caller.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -62,24 +62,45 @@ class ResultBackend(RedisBackend):  # type: ignore[misc]
     writes can be queued on a pipeline (:meth:`writing_to`)."""
 
     _pipe: Any = None
+    _known: dict[str, Any] | None = None
 
     @contextmanager
-    def writing_to(self, pipe: Any) -> Iterator[None]:
+    def writing_to(self, pipe: Any, known: Mapping[str, Any] | None = None) -> Iterator[None]:
         """Results stored meanwhile (in this thread's use of the backend) are queued on
         ``pipe`` as Celery writes them (``SET``/``SETEX`` and ``PUBLISH``), not each sent in
         a round trip of its own: the caller executes ``pipe`` (a GPU worker's batch, with
-        the requests' acknowledgements in the same transaction)."""
+        the requests' acknowledgements in the same transaction).
+
+        ``known``: the stored results of the task ids about to be stored (task id -> raw
+        meta, None for none), read by the caller in one ``MGET``. Celery reads a task's
+        result before storing one (so that a duplicate never overwrites a success): with
+        ``known``, that read is answered from it, and from what was queued since."""
         self._pipe = pipe
+        self._known = dict(known) if known is not None else None
         try:
             yield
         finally:
             self._pipe = None
+            self._known = None
+
+    def _get_task_meta_for(self, task_id: Any) -> Any:
+        known = self._known
+        if known is not None and task_id in known:
+            raw = known[task_id]
+            return self.decode_result(raw) if raw else {"status": "PENDING", "result": None}
+        return super()._get_task_meta_for(task_id)
 
     def _set(self, key: str, value: Any, expires: Any = None) -> None:
         pipe = self._pipe
         if pipe is None:
             super()._set(key, value, expires)
             return
+        if self._known is not None:
+            text = key.decode() if isinstance(key, bytes) else str(key)
+            prefix = self.task_keyprefix
+            prefix = prefix.decode() if isinstance(prefix, bytes) else str(prefix)
+            if text.startswith(prefix):
+                self._known[text[len(prefix):]] = value
         if expires is None:
             expires = self.expires
         if expires:

@@ -62,6 +62,7 @@ from gpu_tasks.celeryapp import GPU_WORKER_FLAG
 from gpu_tasks.celeryapp import app as gpu_app
 from gpu_tasks.control.deadletter import DeadLetter, DeadLetterStore
 from gpu_tasks.control.unacked import SOURCE, forget, unacked_keys
+from gpu_tasks.protocol.checks import ids_in_raw
 from gpu_tasks.protocol.routing import ENTITY_KWARG
 from workers.child import runtime
 from workers.child.taskevents import BatchEvents
@@ -184,46 +185,46 @@ class _Writer:
     main thread pays nothing for requests shorter than :data:`FLUSH_AFTER_S`.
 
     Before each request the main thread seals what is queued (:meth:`seal`); after it, it
-    takes back what the thread has not sent (:meth:`unseal`). The thread sends the sealed
-    writes once the request has run for ``FLUSH_AFTER_S``, holding the lock, so the two
-    never send the same writes, nor out of order."""
+    takes back what the thread has not sent (:meth:`unseal`). Both only set an attribute
+    under a lock: the thread is never woken per request (each wake-up costs the main
+    thread a GIL hand-off, up to ``sys.getswitchinterval()``). It looks twice per
+    ``FLUSH_AFTER_S`` and sends the sealed writes once the request has run that long,
+    holding the lock, so the two never send the same writes, nor out of order."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._sealed: tuple[_Writes, redis.Redis, str, int] | None = None
+        self._since = 0.0
         self._thread = threading.Thread(target=self._run, name="gpu-tasks-batch-writer",
                                         daemon=True)
         self._thread.start()
 
     def seal(self, writes: _Writes, client: redis.Redis, gpu: str, batch: int) -> None:
-        with self._cond:
+        with self._lock:
             self._sealed = (writes, client, gpu, batch)
-            self._cond.notify()
+            self._since = time.monotonic()
 
     def unseal(self) -> _Writes | None:
         """The sealed writes if the thread did not send them (None if it did)."""
-        with self._cond:
+        with self._lock:
             sealed, self._sealed = self._sealed, None
         return sealed[0] if sealed is not None else None
 
     def _run(self) -> None:
-        with self._cond:
-            while True:
-                while self._sealed is None:
-                    self._cond.wait()
+        while True:
+            time.sleep(FLUSH_AFTER_S / 2)
+            with self._lock:
                 sealed = self._sealed
-                deadline = time.monotonic() + FLUSH_AFTER_S
-                while self._sealed is sealed and (left := deadline - time.monotonic()) > 0:
-                    self._cond.wait(left)
-                if self._sealed is sealed:
-                    writes, client, gpu, batch = sealed
-                    try:
-                        writes.send(client, gpu, batch)
-                    except Exception:
-                        log.exception("%s: batch %d: could not write while a request ran; "
-                                      "the batch writes it", gpu, batch)
-                        continue  # left sealed: the main thread takes it back
-                    self._sealed = None
+                if sealed is None or time.monotonic() - self._since < FLUSH_AFTER_S:
+                    continue
+                writes, client, gpu, batch = sealed
+                try:
+                    writes.send(client, gpu, batch)
+                except Exception:
+                    log.exception("%s: batch %d: could not write while a request ran; the "
+                                  "batch writes it", gpu, batch)
+                    continue  # left sealed: the main thread takes it back
+                self._sealed = None
 
 
 _writer: tuple[int, _Writer] | None = None
@@ -265,8 +266,20 @@ class _BatchRun:
 
     # -- the batch -------------------------------------------------------------------
 
+    def _known_results(self) -> dict[str, Any]:
+        """The stored results of the batch's task ids, in one MGET (see
+        :meth:`gpu_tasks.connection.results.ResultBackend.writing_to`)."""
+        ids = [task_id for _t, _q, raw in self.items
+               if isinstance(task_id := ids_in_raw(raw)[0], str)]
+        if not ids:
+            return {}
+        prefix = self.backend.task_keyprefix
+        prefix = prefix.decode() if isinstance(prefix, bytes) else str(prefix)
+        raws = self.client.mget([prefix + task_id for task_id in ids])
+        return dict(zip(ids, raws, strict=True))
+
     def run(self) -> dict[str, Any]:
-        with _soft_limit_signal(), self.backend.writing_to(self.writes):
+        with _soft_limit_signal(), self.backend.writing_to(self.writes, self._known_results()):
             for index, (tag, queue, raw) in enumerate(self.items):
                 try:
                     self._one(index, tag, queue, raw)

@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 
 _NEVER_S = 10.0 * 365 * 24 * 3600
 """billiard's own limits for a batch job: never (each request's are enforced here)."""
+REARM_AFTER_S = 0.02
+"""How long an idle worker woken for nothing waits before arming those queues again."""
 WATCH_S = 0.05
 """How often the main process looks for a request past its hard time limit."""
 
@@ -138,6 +140,8 @@ class BatchFetch:
         """Idle with the doorbell armed over every queue: the queues it named since (the
         only ones with work). None when not idle, or not told which."""
         self._failing_since: float | None = None
+        self._unarmed: set[str] = set()
+        """Queues that rang for nothing, to arm again after REARM_AFTER_S."""
         self._fill_timer: Any = None
 
     # -- what the main process consumes ------------------------------------------------
@@ -293,10 +297,13 @@ class BatchFetch:
         most = self.settings.fetch_max_requests - len(ready)
         if self.queues and most > 0 and self._client is not None:
             try:
-                got = self._take(most, woken=self._idle)
-                self._idle = None
-                if not got.messages and not ready and self._armed():
-                    got = self._take(most)
+                woken, self._idle = self._idle, None
+                got = self._take(most, woken=woken)
+                if not got.messages and not ready:
+                    if woken:
+                        self._false_wake(woken)
+                    elif self._armed(self.queues):
+                        got = self._take(most)
             except redis.RedisError as exc:
                 self._idle = None
                 self._failing(exc)
@@ -335,13 +342,37 @@ class BatchFetch:
                    most_bytes=self.settings.fetch_max_bytes)
         return got
 
-    def _armed(self) -> bool:
-        """Going idle: arm the doorbell; True if work arrived meanwhile (take again)."""
+    def _false_wake(self, named: set[str]) -> None:
+        """Woken by ``named`` queues that held nothing: a push to a queue of the same name
+        in another database of the same Redis (Redis tracks keys by name, whatever the
+        database), or work another take got first. Only those queues need arming again
+        (the others still are), and they are, after ``REARM_AFTER_S``: a busy neighbour
+        would otherwise wake this idle worker at every one of its pops."""
+        self._idle = set()  # idle, the other queues armed
+        first = not self._unarmed
+        self._unarmed.update(named)
+        if first and self._timer is not None:
+            self._timer.call_after(REARM_AFTER_S, self._rearm)
+
+    def _rearm(self) -> None:
+        queues = [q for q in self.queues if q in self._unarmed]
+        self._unarmed = set()
+        if self._idle is not None and self.batch is None and queues:
+            try:
+                if self._armed(queues):
+                    self._idle = None
+                    self.poll()
+            except redis.RedisError as exc:
+                self._failing(exc)
+
+    def _armed(self, queues: list[str]) -> bool:
+        """Going idle: arm the doorbell over ``queues``; True if work arrived meanwhile
+        (take again)."""
         bell = self._doorbell
         if bell is None or not bell.working:
             return False
         try:
-            armed = bell.arm(self.queues)
+            armed = bell.arm(queues)
             if not armed:
                 self._idle = set()
             return armed
