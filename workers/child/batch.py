@@ -139,9 +139,10 @@ class _Writes:
         self.settled = earlier.settled + self.settled
 
     def send(self, client: redis.Redis, gpu: str, batch: int,
-             heads: Sequence[tuple[str, str, bytes]] = ()) -> None:
+             heads: Sequence[tuple[str, str, bytes]] = ()) -> bool:
         """Write it all, with ``heads`` pushed back at the head of their queues, in one
-        transaction; tried again until Redis answers (see :data:`_RETRY_SLEEP_S`)."""
+        transaction; tried again until Redis answers (see :data:`_RETRY_SLEEP_S`). False
+        if Redis failed meanwhile (a restarted Redis may have lost what it had written)."""
         settled = self.settled + [tag for tag, _q, _r in heads]
         pipe = client.pipeline(transaction=True)
         for op, *args in self.ops:
@@ -154,7 +155,7 @@ class _Writes:
         if settled and gpu:
             forget(pipe, gpu, settled)
         if not len(pipe):
-            return
+            return True
         wait, longest = _RETRY_SLEEP_S
         failing_since: float | None = None
         while True:
@@ -177,6 +178,7 @@ class _Writes:
         if failing_since is not None:
             log.warning("%s: stored the results of batch %d after %.1fs", gpu, batch,
                         time.monotonic() - failing_since)
+        return failing_since is None
 
 
 class _Writer:
@@ -195,6 +197,8 @@ class _Writer:
         self._lock = threading.Lock()
         self._sealed: tuple[_Writes, redis.Redis, str, int] | None = None
         self._since = 0.0
+        self.interrupted = False
+        """A write of this thread met a Redis failure (read and reset by the batch)."""
         self._thread = threading.Thread(target=self._run, name="gpu-tasks-batch-writer",
                                         daemon=True)
         self._thread.start()
@@ -219,7 +223,8 @@ class _Writer:
                     continue
                 writes, client, gpu, batch = sealed
                 try:
-                    writes.send(client, gpu, batch)
+                    if not writes.send(client, gpu, batch):
+                        self.interrupted = True
                 except Exception:
                     log.exception("%s: batch %d: could not write while a request ran; the "
                                   "batch writes it", gpu, batch)
@@ -263,6 +268,8 @@ class _BatchRun:
         self.deferred: list[tuple[str, float]] = []
         self.flushed_at = time.monotonic()
         self.events = _events_of(self.hostname) if events else None
+        self.interrupted = False
+        """Redis failed under one of the batch's writes (see :meth:`run`'s answer)."""
 
     # -- the batch -------------------------------------------------------------------
 
@@ -295,7 +302,12 @@ class _BatchRun:
                 if time.monotonic() - self.flushed_at >= FLUSH_AFTER_S:
                     self._flush(final=False)
             self._flush(final=True)
-        return {"deferred": self.deferred}
+        interrupted = self.interrupted or self.writer.interrupted
+        self.writer.interrupted = False
+        # interrupted: a Redis that failed under the batch's writes may have come back
+        # without some of them (a restart loses what its AOF had not synced yet): the main
+        # process puts back whatever of the batch it still finds recorded as taken.
+        return {"deferred": self.deferred, "interrupted": interrupted}
 
     def _one(self, index: int, tag: str, queue: str, raw: bytes) -> None:
         if queue in self.returned:
@@ -447,7 +459,8 @@ class _BatchRun:
         """Send what is queued (with ``final``, the requests going back to their heads too)
         in one transaction."""
         writes = self.writes.take()
-        writes.send(self.client, self.gpu, self.number, self.heads if final else [])
+        if not writes.send(self.client, self.gpu, self.number, self.heads if final else []):
+            self.interrupted = True
         if self.events is not None:
             self.events.flush()  # after the results: a watcher never sees news first
         if final:

@@ -51,8 +51,10 @@ class Doorbell:
         self._make_client = make_client
         self._bell: Any = None
         self._bell_id: int | None = None
-        self._tracked: redis.Redis = make_client(single_connection_client=True,
-                                                 redis_connect_func=self._on_connect)
+        # One connection held for good (a client of its own would hand out any of its
+        # pool's): redis-py reconnects it on use, and _on_connect turns tracking on again.
+        self._tracked: Any = make_client(
+            redis_connect_func=self._on_connect).connection_pool.get_connection()
         self.working = False
         """Tracking is on and the bell subscribed: an idle worker can wait for it."""
 
@@ -77,10 +79,10 @@ class Doorbell:
             bell.read_response()
             self._bell, self._bell_id = bell, bell_id
             # Off first: a connection already tracking cannot be pointed elsewhere.
-            self._tracked.execute_command(  # type: ignore[no-untyped-call]
-                "CLIENT", "TRACKING", "OFF")
-            self._tracked.execute_command(  # type: ignore[no-untyped-call]
-                "CLIENT", "TRACKING", "ON", "REDIRECT", bell_id, "NOLOOP")
+            for command in (("CLIENT", "TRACKING", "OFF"),
+                            ("CLIENT", "TRACKING", "ON", "REDIRECT", bell_id, "NOLOOP")):
+                self._tracked.send_command(*command)
+                self._tracked.read_response()
         except redis.ResponseError as exc:
             if self.working or self._bell_id is None:
                 log.warning("Redis refused client tracking (%s): an idle GPU worker polls its "
@@ -96,7 +98,8 @@ class Doorbell:
         work already (take again instead of waiting)."""
         if not queues:
             return False
-        found: int = self._tracked.exists(*queues)
+        self._tracked.send_command("EXISTS", *queues)
+        found = int(self._tracked.read_response())
         return found > 0
 
     def fileno(self) -> int | None:
@@ -132,4 +135,4 @@ class Doorbell:
     def close(self) -> None:
         self.close_bell()
         with contextlib.suppress(Exception):
-            self._tracked.close()
+            self._tracked.disconnect()

@@ -48,6 +48,7 @@ from typing import Any
 import redis
 from billiard.exceptions import WorkerLostError
 from celery.utils.collections import AttributeDict
+from kombu.entity import Exchange, Queue
 
 from gpu_tasks.control.deadletter import DeadLetter, DeadLetterStore
 from gpu_tasks.control.unacked import Take, Taken, forget, put_back, take
@@ -190,8 +191,8 @@ class BatchFetch:
 
     def queue_infos(self) -> list[dict[str, Any]]:
         """``inspect active_queues`` entries for the shard queues taken in batches."""
-        return [{"name": q, "exchange": {"name": q, "type": "direct"}, "routing_key": q,
-                 "gpu_tasks_fetch": "batched"} for q in self.queues]
+        return [dict(Queue(q, Exchange(q, "direct"), q)  # type: ignore[no-untyped-call]
+                     .as_dict(recurse=True)) for q in self.queues]
 
     # -- bootstep hooks ------------------------------------------------------------------
 
@@ -424,6 +425,20 @@ class BatchFetch:
             message = by_tag.get(tag)
             if message is not None:
                 self._defer(message, float(due_in_s))
+        if isinstance(result, dict) and result.get("interrupted"):
+            waiting = {tag for tag, _due in deferred}
+            tags = [m.tag for m in batch.messages if m.tag not in waiting]
+            try:
+                restored = put_back(self.settings.redis_client(), self.gpu, tags, set(tags))
+            except redis.RedisError as exc:
+                self.reply_lost = True  # the next lease tick puts them back
+                log.warning("%s: cannot check batch %d after Redis failed (%s)", self.gpu,
+                            batch.number, exc)
+            else:
+                if restored:
+                    log.warning("%s: Redis failed under batch %d and came back with %d of "
+                                "its requests still recorded as taken: put back, marked "
+                                "redelivered", self.gpu, batch.number, restored)
         self._soon()
 
     def _defer(self, message: Taken, due_in_s: float) -> None:
