@@ -82,6 +82,7 @@ class Consumption:
         """Redis was away since the lease was last renewed (a failed renewal, or Celery
         restarted the consumer after losing its connection)."""
         self._registry: FleetRegistry | None = None
+        self._swept_at = time.monotonic()
 
     # -- the lease -------------------------------------------------------------------
 
@@ -157,7 +158,9 @@ class Consumption:
         if self.fetch is not None and self.fetch.reply_lost:
             self.fetch.reply_lost = False
             self._interrupted = True
-        if self._interrupted:
+        if self._interrupted or (self.fetch is not None
+                                 and sent - self._swept_at >= SWEEP_EVERY_S):
+            self._swept_at = sent
             self.put_back_abandoned()
         if force or renewal.map_epoch != self.epoch:
             self.reconcile(c, renewal.map_epoch)
@@ -183,8 +186,9 @@ class Consumption:
             return 0
         self._interrupted = False
         if restored:
-            log.warning("%s: put back %d requests taken before Redis went away and not "
-                        "acknowledged, to run again (a finished one is answered, not run)",
+            log.warning("%s: put back %d requests recorded as taken that this worker does not "
+                        "hold (taken before Redis went away, or brought back by it), to run again "
+                        "(a finished one is answered, not run)",
                         self.gpu, restored)
         return restored
 
@@ -290,6 +294,12 @@ def bootstep(consumption: Consumption) -> type[bootsteps.StartStopStep]:
 
     return ShardConsumption
 
+
+SWEEP_EVERY_S = 10.0
+"""How often a GPU worker that takes in batches also puts back whatever its GPU's unacked
+keys hold that it does not (a safety net: Redis restarted from an AOF that lost the last
+second's writes can bring back entries a batch had already settled, and nothing else
+would look at them before the worker's next start)."""
 
 RECONNECT_INTERVALS_S = (0.5, 0.5, 2.0)
 """How a GPU worker retries a lost broker connection (first wait, added per try, longest).

@@ -141,6 +141,7 @@ class BatchFetch:
         """Idle with the doorbell armed over every queue: the queues it named since (the
         only ones with work). None when not idle, or not told which."""
         self._failing_since: float | None = None
+        self._waited = False
         self._unarmed: set[str] = set()
         """Queues that rang for nothing, to arm again after REARM_AFTER_S."""
         self._fill_timer: Any = None
@@ -315,8 +316,10 @@ class BatchFetch:
                     self._failing_since = None
                 self._start = got.next_start
                 ready.extend(got.messages)
+                waited, self._waited = self._waited, False
                 if got.messages and len(ready) < self.settings.fetch_max_requests and (
-                        self.settings.fetch_wait_s > 0 and self._fill_timer is None):
+                        self.settings.fetch_wait_s > 0 and self._fill_timer is None
+                        and not waited):
                     self._filling = ready
                     self._fill_timer = self._timer.call_after(self.settings.fetch_wait_s,
                                                               self._filled)
@@ -326,6 +329,7 @@ class BatchFetch:
 
     def _filled(self) -> None:
         self._fill_timer = None
+        self._waited = True  # waited once already: hand over what the next take adds
         filling, self._filling = self._filling, []
         self._due = filling + self._due
         self.poll()
