@@ -18,6 +18,7 @@ import base64
 import datetime
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -222,6 +223,22 @@ class DeadLetterStore:
         pipe.incr(key)
         pipe.expire(key, DEATHS_TTL_S)
         return int(pipe.execute()[0])
+
+    def dead_letter_if_deadly(self, task_id: str, raw: bytes, queue: str, payload: Any,
+                              max_deaths: int, settle: Callable[[Any], None]) -> DeadLetter | None:
+        """Count one more pool child ended by ``task_id``; at ``max_deaths`` keep its message
+        as a dead letter and call ``settle`` with the transaction that stores it (to
+        acknowledge the message in the same step). Returns the letter, or None (below)."""
+        deaths = self.count_death(task_id)
+        if deaths < max_deaths:
+            return None
+        letter = DeadLetter.of(raw, queue, f"its execution ended the pool child {deaths} "
+                                           "times (GPU_TASKS_MAX_CHILD_DEATHS)", payload)
+        pipe = self.client.pipeline(transaction=True)
+        self.add(letter, pipe)
+        settle(pipe)
+        pipe.execute()
+        return letter
 
     @staticmethod
     def _letter(entry_id: bytes | str, fields: dict[bytes, bytes]) -> DeadLetter:

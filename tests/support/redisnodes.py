@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import redis
 
 from gpu_tasks.local.redis_server import find_redis_server
+from tests.conftest import wait_until
 from tests.support.ports import free_port
 
 
@@ -40,24 +40,24 @@ class Node:
         self.process = subprocess.Popen([find_redis_server(), *self.args],
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.STDOUT, cwd=self.directory)
-        deadline = time.monotonic() + timeout_s
         client = self.admin()
-        while True:
-            if self.process.poll() is not None:
-                raise AssertionError(f"{self.name} exited with {self.process.returncode}: "
+        process = self.process
+
+        def answers() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {process.returncode}: "
                                      f"{self.log_tail()}")
-            try:
-                # The port may be another server's (it was free when we looked): check it
-                # is ours.
-                if client.info("server").get("process_id") == self.process.pid:
-                    return self
-            except redis.RedisError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"{self.name} did not answer in {timeout_s}s: "
-                                     f"{self.log_tail()}")
-            time.sleep(0.05)
+            # The port may be another server's (it was free when we looked): check it is
+            # ours.
+            return _quietly(lambda: client.info("server").get("process_id") == process.pid)()
+
+        try:
+            wait_until(answers, timeout=timeout_s,
+                       what=lambda: f"{self.name} did not answer: {self.log_tail()}")
+        except AssertionError:
+            self.stop()
+            raise
+        return self
 
     def log_tail(self, chars: int = 2000) -> str:
         try:
@@ -164,8 +164,8 @@ class SentinelSet:
                  self._client(replica_port, self.password), replica_port).start(),
         ]
         replica = self.data[1].admin()
-        _wait(lambda: replica.info("replication").get("master_link_status") == "up",
-              "the replica never synced")
+        wait_until(_quietly(lambda: replica.info("replication").get("master_link_status")
+                            == "up"), what="the replica never synced")
         for i in range(3):
             port = free_port()
             conf = self.directory / f"sentinel-{i}.conf"  # Sentinel rewrites it: our own
@@ -189,8 +189,8 @@ class SentinelSet:
         # find each other through the master's hello channel, every 2 s).
         for node in self.sentinels:
             client = node.admin()
-            _wait(lambda c=client: _knows_all(c, self.master_name),  # type: ignore[misc]
-                  f"{node.name} never saw the replica and the other Sentinels")
+            knows_all = _quietly(lambda c=client: _knows_all(c, self.master_name))  # type: ignore[misc]
+            wait_until(knows_all, what=f"{node.name} never saw the replica and the other Sentinels")
         return self
 
     def _client(self, port: int, password: str) -> Callable[[], redis.Redis]:
@@ -232,14 +232,11 @@ def _knows_all(client: redis.Redis, master_name: str) -> bool:
     return int(state.get("num-slaves", 0)) >= 1 and int(state.get("num-other-sentinels", 0)) >= 2
 
 
-def _wait(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
+def _quietly(condition: Callable[[], bool]) -> Callable[[], bool]:
+    """``condition``, false while Redis does not answer."""
+    def check() -> bool:
         try:
-            if condition():
-                return
+            return condition()
         except redis.RedisError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} within {timeout_s}s")
-        time.sleep(0.1)
+            return False
+    return check

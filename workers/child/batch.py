@@ -61,13 +61,14 @@ from celery.utils.time import maybe_iso8601
 from gpu_tasks.celeryapp import GPU_WORKER_FLAG
 from gpu_tasks.celeryapp import app as gpu_app
 from gpu_tasks.control.deadletter import DeadLetter, DeadLetterStore
-from gpu_tasks.control.unacked import SOURCE, forget, unacked_keys
+from gpu_tasks.control.unacked import forget, unacked_keys
 from gpu_tasks.protocol.checks import ids_in_raw
 from gpu_tasks.protocol.routing import ENTITY_KWARG
 from workers.child import runtime
 from workers.child.taskevents import BatchEvents
 from workers.consumer import ownership, progress
-from workers.consumer.fence import NO_ENTITY, judge
+from workers.consumer.fence import NO_ENTITY, judge, readdress
+from workers.consumer.request import time_limits
 from workers.consumer.transport import installed_guard
 
 log = logging.getLogger(__name__)
@@ -336,9 +337,7 @@ class _BatchRun:
             if verdict.action == "move":
                 log.warning("%s: %s %s moved to its shard's queue: %s", self.gpu,
                             headers.get("task"), headers.get("id"), verdict.reason)
-                info = properties.setdefault("delivery_info", {})
-                info["exchange"], info["routing_key"] = verdict.queue, verdict.queue
-                info.pop(SOURCE, None)
+                readdress(payload, str(verdict.queue))
                 self.writes.move(str(verdict.queue), json.dumps(payload))
                 self.writes.settled.append(tag)
                 return
@@ -361,7 +360,10 @@ class _BatchRun:
             self.events.received(request)
             self.events.started(task_id)
         task = self.app.tasks[name]
-        hard, soft = _limits(task, headers, self.app)
+        rt = runtime.installed()
+        hard, soft = time_limits(headers.get("timelimit"), task,
+                                 rt.settings.task_soft_time_limit_s if rt is not None else None)
+        hard = hard or self.app.conf.task_time_limit  # the pool's own default
         if self.progress is not None:
             self.progress.starting(self.number, self.pid, index, hard)
         tracer = task.__trace__ or build_tracer(name, task, app=self.app,
@@ -466,21 +468,6 @@ class _BatchRun:
         if final:
             self.heads = []
         self.flushed_at = time.monotonic()
-
-
-def _limits(task: Any, headers: dict[str, Any], app: Any) -> tuple[float | None, float | None]:
-    """A request's hard and soft limits, as :class:`workers.consumer.request.GpuRequest`
-    reads them: its own, else its task's, else the worker's; a soft one only below the
-    hard one."""
-    limits = headers.get("timelimit") or (None, None)
-    hard = (limits[0] if len(limits) > 0 else None) or task.time_limit or (
-        app.conf.task_time_limit)
-    rt = runtime.installed()
-    soft = (limits[1] if len(limits) > 1 else None) or task.soft_time_limit or (
-        rt.settings.task_soft_time_limit_s if rt is not None else None)
-    if hard and soft and soft >= hard:
-        soft = None
-    return (float(hard) if hard else None), (float(soft) if soft else None)
 
 
 def _when(value: Any) -> datetime | None:

@@ -209,16 +209,13 @@ class Consumption:
             wanted = shard_map.consumed_by(self.gpu)
             held = shard_map.held_by(self.gpu)
             versions = {i: shard_map.shards[i].version for i in held}
-        queues = {shard_name(i): i for i in wanted}
-        before: set[str] = set()
-        taken_in_batches: dict[str, int] = {}
-        if self.fetch is not None:
-            before = set(self.fetch.queues)
-            taken_in_batches = queues
-            queues = {}  # Celery's consumer takes the GPU's own queue only
+        shard_queues = [shard_name(i) for i in sorted(wanted)]
         current = {q.name for q in c.task_consumer.queues}
-        dropped = sorted(q for q in current if q != self.gpu and q not in queues)
-        added = sorted((q for q in queues if q not in current), key=queues.__getitem__)
+        before = set(self.fetch.queues) if self.fetch is not None else current - {self.gpu}
+        # The batched fetch takes the shard queues; without it, Celery's consumer does.
+        by_celery = [] if self.fetch is not None else shard_queues
+        dropped = sorted(q for q in current if q != self.gpu and q not in by_celery)
+        added = [q for q in by_celery if q not in current]
         # Stop serving dropped shards (fence and pool child) before cancelling their
         # queues: a message still in flight from one of them goes back where it came from.
         self.table.publish(epoch, wanted, held, versions, shard_count=shard_count)
@@ -226,13 +223,12 @@ class Consumption:
         self._consume(c, [self.gpu] if self.gpu not in current else [])
         self._consume(c, added)
         if self.fetch is not None:
-            self.fetch.consume(sorted(taken_in_batches, key=taken_in_batches.__getitem__))
-            added = sorted(set(taken_in_batches) - before)
-            dropped = sorted(before - set(taken_in_batches))
+            self.fetch.consume(shard_queues)
         self.epoch = epoch
-        if added or dropped:
+        gained, lost = set(shard_queues) - before, before - set(shard_queues)
+        if gained or lost:
             log.warning("%s: shard map epoch %d: consuming %d shard queues (+%d, -%d)",
-                        self.gpu, epoch, len(wanted), len(added), len(dropped))
+                        self.gpu, epoch, len(wanted), len(gained), len(lost))
         with contextlib.suppress(redis.RedisError):  # tell `status` now, not at the next tick
             self.leases.claim(self.gpu, self.holder, self.settings.lease_ttl_s,
                               epoch=epoch, consuming=len(wanted))

@@ -107,6 +107,14 @@ def _entity_id(message: Any) -> object:
     return NO_ENTITY
 
 
+def readdress(payload: Any, queue: str) -> None:
+    """Make a moved message (its parsed envelope) look as if it had been sent to ``queue``
+    directly."""
+    info = payload["properties"].setdefault("delivery_info", {})
+    info["exchange"], info["routing_key"] = queue, queue
+    info.pop(SOURCE, None)
+
+
 class Fence:
     """Applies :func:`judge` to each fetched message, before Celery sees it."""
 
@@ -132,7 +140,7 @@ class Fence:
         elif verdict.action == "move":
             log.warning("%s: %s %s moved to its shard's queue: %s", self.owned.gpu, name,
                         task_id, verdict.reason)
-            self._readdress(message, str(verdict.queue))
+            readdress(message._raw, str(verdict.queue))
             message.channel.qos.settle(message, verdict.queue, head=False)
         else:
             log.warning("%s: %s %s refused: %s", self.owned.gpu, name, task_id, verdict.error)
@@ -153,13 +161,6 @@ class Fence:
                         "again", self.owned.gpu, message.headers.get("task"), task_id, state)
             return True
         return False
-
-    @staticmethod
-    def _readdress(message: Any, queue: str) -> None:
-        """Make a moved message look as if it had been sent to ``queue`` directly."""
-        info = message._raw["properties"]["delivery_info"]
-        info["exchange"], info["routing_key"] = queue, queue
-        info.pop(SOURCE, None)
 
     def _fail(self, message: Any, task_id: str | None, name: str | None,
               error: GpuTasksError | None) -> None:

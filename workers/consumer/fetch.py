@@ -41,7 +41,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -50,12 +50,13 @@ from billiard.exceptions import WorkerLostError
 from celery.utils.collections import AttributeDict
 from kombu.entity import Exchange, Queue
 
-from gpu_tasks.control.deadletter import DeadLetter, DeadLetterStore
+from gpu_tasks.control.deadletter import DeadLetterStore
 from gpu_tasks.control.unacked import Take, Taken, forget, put_back, take
 from gpu_tasks.errors import TaskTimeLimitExceeded
 from gpu_tasks.settings import Settings
 from workers.consumer.doorbell import Doorbell
 from workers.consumer.progress import BatchProgress, Snapshot
+from workers.consumer.request import hard_limit_exceeded
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,6 @@ class Batch:
 
     number: int
     messages: list[Taken]
-    handed_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -88,14 +88,11 @@ class FetchStats:
     requests: int = 0
     largest: int = 0
     child_deaths: int = 0
-    sizes: dict[int, int] = field(default_factory=dict)
-    """Batch size -> how many batches had it."""
 
     def add(self, size: int) -> None:
         self.batches += 1
         self.requests += size
         self.largest = max(self.largest, size)
-        self.sizes[size] = self.sizes.get(size, 0) + 1
 
     def as_dict(self) -> dict[str, Any]:
         return {"batches": self.batches, "requests": self.requests, "largest": self.largest,
@@ -519,35 +516,23 @@ class BatchFetch:
                         len([t for t in tags if t in ran]))
 
     def _dead_letter_if_deadly(self, client: redis.Redis, message: Taken) -> bool:
-        task_id, name, _payload = _identify(message.raw)
+        task_id, name, payload = _identify(message.raw)
         if task_id is None:
             return False
-        store = DeadLetterStore(client)
-        deaths = store.count_death(task_id)
-        log.error("%s: the pool child died running %s %s (%d times so far)", self.gpu, name,
-                  task_id, deaths)
-        if deaths < self.settings.max_child_deaths:
+        log.error("%s: the pool child died running %s %s", self.gpu, name, task_id)
+        letter = DeadLetterStore(client).dead_letter_if_deadly(
+            task_id, message.raw, message.queue, payload, self.settings.max_child_deaths,
+            lambda pipe: forget(pipe, self.gpu, [message.tag]))
+        if letter is None:
             return False
-        letter = DeadLetter.of(message.raw, message.queue,
-                               f"its execution ended the pool child {deaths} times "
-                               "(GPU_TASKS_MAX_CHILD_DEATHS)", _payload)
         log.error("%s %s dead-lettered: %s", letter.task, task_id, letter.reason)
-        pipe = client.pipeline(transaction=True)
-        store.add(letter, pipe)
-        forget(pipe, self.gpu, [message.tag])
-        pipe.execute()
         return True
 
     def _answer_hard_limit(self, client: redis.Redis, message: Taken, limit_s: float) -> None:
         task_id, name, payload = _identify(message.raw)
         if task_id is not None:
             try:
-                raise TaskTimeLimitExceeded(
-                    f"{name} ran past its hard time limit ({limit_s:g} s): its pool child was "
-                    f"killed, and every entity's buffers on {self.gpu} were lost with it "
-                    "(they answer EntityStateLost); give it more time with time_limit= or "
-                    "GPU_TASKS_TASK_TIME_LIMIT_S, or stop it at a soft limit "
-                    "(soft_time_limit=) below that", limit_s, False)
+                raise hard_limit_exceeded(str(name), limit_s, self.gpu)
             except TaskTimeLimitExceeded as exc:
                 headers = payload.get("headers") or {}
                 properties = payload.get("properties") or {}

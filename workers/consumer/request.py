@@ -17,6 +17,7 @@ answered in the pool child (:func:`workers.child.executor.execute`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
@@ -40,12 +41,7 @@ class GpuRequest(Request):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         limits: tuple[float | None, float | None] = tuple(self.time_limits)  # type: ignore[has-type]
-        hard, soft = limits
-        hard = hard or self.task.time_limit
-        soft = soft or self.task.soft_time_limit or self.default_soft_time_limit_s
-        if hard and soft and soft >= hard:
-            soft = None
-        self.time_limits = (hard, soft)
+        self.time_limits = time_limits(limits, self.task, self.default_soft_time_limit_s)
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         # Past a soft limit Celery only logs; past the hard one its answer would be the
@@ -69,14 +65,32 @@ class GpuRequest(Request):  # type: ignore[misc]
         timeout = float(exc.args[0]) if exc.args else 0.0
         gpu = self.task.app.conf.get(GPU_WORKER_FLAG) or "this GPU"
         try:
-            raise TaskTimeLimitExceeded(
-                f"{self.name} ran past its hard time limit ({timeout:g} s): its pool child was "
-                f"killed, and every entity's buffers on {gpu} were lost with it (they answer "
-                "EntityStateLost); give it more time with time_limit= or "
-                "GPU_TASKS_TASK_TIME_LIMIT_S, or stop it at a soft limit (soft_time_limit=) "
-                "below that", timeout, False) from None
+            raise hard_limit_exceeded(self.name, timeout, gpu) from None
         except TaskTimeLimitExceeded:
             return ExceptionInfo()
+
+
+def time_limits(limits: Sequence[float | None] | None, task: Any,
+                default_soft_s: float | None) -> tuple[float | None, float | None]:
+    """A request's ``(hard, soft)`` limits: its own (``limits``, Celery's ``timelimit``
+    header), else its task's, else (soft only) the worker's; a soft one only below the
+    hard one (see the module)."""
+    own = list(limits or ())
+    hard = (own[0] if own else None) or task.time_limit
+    soft = (own[1] if len(own) > 1 else None) or task.soft_time_limit or default_soft_s
+    if hard and soft and soft >= hard:
+        soft = None
+    return hard, soft
+
+
+def hard_limit_exceeded(name: str, timeout_s: float, gpu: str) -> TaskTimeLimitExceeded:
+    """The answer of a request that ran past its hard time limit (its pool child killed)."""
+    return TaskTimeLimitExceeded(
+        f"{name} ran past its hard time limit ({timeout_s:g} s): its pool child was "
+        f"killed, and every entity's buffers on {gpu} were lost with it (they answer "
+        "EntityStateLost); give it more time with time_limit= or "
+        "GPU_TASKS_TASK_TIME_LIMIT_S, or stop it at a soft limit (soft_time_limit=) "
+        "below that", timeout_s, False)
 
 
 def install(settings: Settings) -> None:

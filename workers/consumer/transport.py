@@ -134,21 +134,15 @@ class GpuQoS(kombu_redis.QoS):  # type: ignore[misc]
         task_id = (getattr(message, "headers", None) or {}).get("id")
         if message is None or not isinstance(task_id, str):
             return False
+        raw = message._raw
+        queue = source_queue(raw, message.delivery_info.get("routing_key")) or ""
         with self.channel.conn_or_acquire() as client:
-            store = DeadLetterStore(client)
-            deaths = store.count_death(task_id)
-            if deaths < _guard.max_child_deaths:
-                return False
-            raw = message._raw
-            queue = source_queue(raw, message.delivery_info.get("routing_key")) or ""
-            letter = DeadLetter.of(json.dumps(raw).encode(), queue,
-                                   f"its execution ended the pool child {deaths} times "
-                                   "(GPU_TASKS_MAX_CHILD_DEATHS)", raw)
-            log.error("%s %s dead-lettered: %s", letter.task, task_id, letter.reason)
-            pipe = client.pipeline(transaction=True)
-            store.add(letter, pipe)
-            self._remove_from_indices(delivery_tag, pipe)
-            pipe.execute()
+            letter = DeadLetterStore(client).dead_letter_if_deadly(
+                task_id, json.dumps(raw).encode(), queue, raw, _guard.max_child_deaths,
+                lambda pipe: self._remove_from_indices(delivery_tag, pipe))
+        if letter is None:
+            return False
+        log.error("%s %s dead-lettered: %s", letter.task, task_id, letter.reason)
         return True
 
     def settle(self, message: Any, queue: str | None, *, head: bool) -> None:
